@@ -1,0 +1,1 @@
+"""nvme-lm: an emulated NVMe SSD with live-migration features and a VM migration engine."""

@@ -1,0 +1,73 @@
+"""Asynchronous events: outstanding AER commands, pending events, and per-log masking.
+
+Once an event has been reported, further events of the same type stay pending until the
+host reads the associated log page without RAE, as NVMe Base §5.2.2 requires.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class AsyncEventType(IntEnum):
+    ERROR = 0
+    SMART = 1
+    NOTICE = 2
+    IMMEDIATE = 3
+    ONE_SHOT = 4
+    IO_COMMAND_SET = 6
+    VENDOR = 7
+
+
+class ErrorEventInfo(IntEnum):
+    INVALID_DOORBELL_REGISTER = 0x00
+    INVALID_DOORBELL_VALUE = 0x01
+    DIAGNOSTIC_FAILURE = 0x02
+    PERSISTENT_INTERNAL_ERROR = 0x03
+    TRANSIENT_INTERNAL_ERROR = 0x04
+
+
+class NoticeInfo(IntEnum):
+    NAMESPACE_ATTRIBUTE_CHANGED = 0x00
+    FIRMWARE_ACTIVATION_STARTING = 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncEvent:
+    type: int
+    info: int
+    log_page: int
+
+    @property
+    def dw0(self) -> int:
+        return (self.type & 0x7) | (self.info & 0xFF) << 8 | (self.log_page & 0xFF) << 16
+
+
+class EventQueue:
+    """Events waiting for an AER, masked per associated log page until the host reads it."""
+
+    def __init__(self) -> None:
+        self.pending: deque[AsyncEvent] = deque()
+        self.masked_logs: set[int] = set()
+
+    def add(self, event: AsyncEvent) -> None:
+        if event not in self.pending:
+            self.pending.append(event)
+
+    def next_reportable(self) -> AsyncEvent | None:
+        for ev in self.pending:
+            if ev.log_page not in self.masked_logs:
+                self.pending.remove(ev)
+                self.masked_logs.add(ev.log_page)
+                return ev
+        return None
+
+    def log_page_read(self, log_page: int) -> None:
+        """The host read `log_page` with RAE=0: events reported through it may be sent again."""
+        self.masked_logs.discard(log_page)
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.masked_logs.clear()

@@ -1,0 +1,76 @@
+"""A command in flight inside the controller, and the helpers handlers use to move data.
+
+Handlers are small functions `handler(req) -> Status`. They raise `NvmeError` to refuse a
+command with a precise status; DMA faults become Data Transfer Error in the dispatcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from nvme_lm.device.prp import prp_views
+from nvme_lm.spec import status as st
+from nvme_lm.spec.commands import SQE
+from nvme_lm.spec.status import Status
+
+if TYPE_CHECKING:
+    from nvme_lm.device.controller import Controller
+    from nvme_lm.device.queues import SubmissionQueue
+
+
+class NvmeError(Exception):
+    """Refuses a command: the controller completes it with `status` (and logs PEL if given)."""
+
+    def __init__(self, status: Status, message: str = "", pel: int = 0xFFFF) -> None:
+        super().__init__(message or str(status))
+        self.status = status
+        self.pel = pel
+
+
+class _Deferred(Status):
+    """Marker: the handler completes the request later (AER, suspended work)."""
+
+
+DEFERRED = _Deferred(0, 0, False)
+
+
+class Request:
+    __slots__ = ("ctrl", "dw0", "dw1", "sq", "sqe")
+
+    def __init__(self, ctrl: Controller, sq: SubmissionQueue, sqe: SQE) -> None:
+        self.ctrl = ctrl
+        self.sq = sq
+        self.sqe = sqe
+        self.dw0 = 0
+        self.dw1 = 0
+
+    @property
+    def is_admin(self) -> bool:
+        return self.sq.qid == 0
+
+    def data_views(self, length: int, to_host: bool) -> list[memoryview]:
+        """The command's data buffer (PRP1/PRP2) as memoryviews; `to_host` means the device writes."""
+        if self.sqe.psdt != 0:
+            raise NvmeError(st.INVALID_FIELD, "SGLs are not supported")
+        return prp_views(self.ctrl.fn, self.sqe.prp1, self.sqe.prp2, length, self.ctrl.page_size, to_host)
+
+    def write_to_host(self, data: bytes | bytearray | memoryview, length: int | None = None) -> None:
+        """Copies `data` (truncated or zero-padded to `length`) into the command's buffer."""
+        n = len(data) if length is None else length
+        if n == 0:
+            return
+        mv = memoryview(data)[:n]
+        pos = 0
+        for view in self.data_views(n, to_host=True):
+            chunk = mv[pos : pos + len(view)]
+            view[: len(chunk)] = chunk
+            if len(chunk) < len(view):
+                view[len(chunk) :] = bytes(len(view) - len(chunk))
+            pos += len(view)
+
+    def read_from_host(self, length: int) -> bytes:
+        return b"".join(bytes(v) for v in self.data_views(length, to_host=False))
+
+
+Handler = Callable[[Request], Status]

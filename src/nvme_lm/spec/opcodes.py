@@ -1,0 +1,69 @@
+"""Opcodes of the admin and NVM I/O command sets (NVMe Base 2.1, NVM Command Set 1.1)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class AdminOpcode(IntEnum):
+    DELETE_IO_SQ = 0x00
+    CREATE_IO_SQ = 0x01
+    GET_LOG_PAGE = 0x02
+    DELETE_IO_CQ = 0x04
+    CREATE_IO_CQ = 0x05
+    IDENTIFY = 0x06
+    ABORT = 0x08
+    SET_FEATURES = 0x09
+    GET_FEATURES = 0x0A
+    ASYNC_EVENT_REQUEST = 0x0C
+    NS_MANAGEMENT = 0x0D
+    FIRMWARE_COMMIT = 0x10
+    FIRMWARE_DOWNLOAD = 0x11
+    DEVICE_SELF_TEST = 0x14
+    NS_ATTACHMENT = 0x15
+    KEEP_ALIVE = 0x18
+    DIRECTIVE_SEND = 0x19
+    DIRECTIVE_RECEIVE = 0x1A
+    VIRTUALIZATION_MANAGEMENT = 0x1C
+    NVME_MI_SEND = 0x1D
+    NVME_MI_RECEIVE = 0x1E
+    CAPACITY_MANAGEMENT = 0x20
+    LOCKDOWN = 0x24
+    CLEAR_EXPORTED_NVM_RESOURCE_CONFIG = 0x28
+    MANAGE_EXPORTED_NVM_SUBSYSTEM_RECEIVE = 0x2A
+    MANAGE_EXPORTED_NVM_SUBSYSTEM_SEND = 0x2D
+    CROSS_CONTROLLER_RESET = 0x38
+    TRACK_SEND = 0x3D
+    TRACK_RECEIVE = 0x3E
+    MIGRATION_SEND = 0x41
+    MIGRATION_RECEIVE = 0x42
+    CONTROLLER_DATA_QUEUE = 0x45
+    DOORBELL_BUFFER_CONFIG = 0x7C
+    FABRICS = 0x7F
+    FORMAT_NVM = 0x80
+    SECURITY_SEND = 0x81
+    SECURITY_RECEIVE = 0x82
+    SANITIZE = 0x84
+    GET_LBA_STATUS = 0x86
+
+
+class IoOpcode(IntEnum):
+    FLUSH = 0x00
+    WRITE = 0x01
+    READ = 0x02
+    WRITE_UNCORRECTABLE = 0x04
+    COMPARE = 0x05
+    WRITE_ZEROES = 0x08
+    DATASET_MANAGEMENT = 0x09
+    VERIFY = 0x0C
+    RESERVATION_REGISTER = 0x0D
+    RESERVATION_REPORT = 0x0E
+    RESERVATION_ACQUIRE = 0x11
+    RESERVATION_RELEASE = 0x15
+    CANCEL = 0x18
+    COPY = 0x19
+
+
+def data_direction(opcode: int) -> int:
+    """Bits 1:0 of an opcode: 00b none, 01b host to controller, 10b controller to host, 11b both."""
+    return opcode & 0x3
