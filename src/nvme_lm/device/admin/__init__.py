@@ -6,9 +6,9 @@ dispatch table the controller uses.
 
 from __future__ import annotations
 
-from nvme_lm.device.admin import features, queues
+from nvme_lm.device.admin import features, identify, log_pages, queues
 from nvme_lm.device.request import Handler
 
 ADMIN_HANDLERS: dict[int, Handler] = {}
-for _module in (features, queues):
+for _module in (features, identify, log_pages, queues):
     ADMIN_HANDLERS.update(_module.HANDLERS)

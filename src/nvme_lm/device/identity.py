@@ -1,0 +1,91 @@
+"""What a controller says about itself and its namespaces: the Identify data structures.
+
+Built from the device model, the subsystem and the controller. Issue 3's exported-subsystem
+templates replace these values for VFs, which is why they are assembled in one place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nvme_lm.spec.identify import (
+    OACS,
+    ONCS,
+    IdentifyController,
+    IdentifyNamespace,
+    LbaFormat,
+    NvmIdentifyController,
+    NvmIdentifyNamespace,
+    PowerStateDescriptor,
+)
+from nvme_lm.spec.opcodes import AdminOpcode
+from nvme_lm.spec.registers import VS_2_1
+
+if TYPE_CHECKING:
+    from nvme_lm.device.controller import Controller
+    from nvme_lm.device.namespace import Namespace
+
+OAES_NS_ATTRIBUTE_NOTICES = 1 << 8
+LPA_CMD_EFFECTS = 1 << 1
+LPA_EXTENDED_DATA = 1 << 2
+VWC_PRESENT_FLUSH_ALL = 0x07  # present, and Flush with NSID FFFFFFFFh is supported
+NSFEAT_THINP = 1 << 0
+DLFEAT_READ_ZEROES = 0x01
+DLFEAT_WZ_DEAC = 1 << 3
+
+
+def identify_controller(ctrl: Controller) -> IdentifyController:
+    m = ctrl.model
+    sub = ctrl.subsystem
+    oacs = 0
+    for opcode, bit in ((AdminOpcode.FORMAT_NVM, OACS.FORMAT), (AdminOpcode.NS_MANAGEMENT, OACS.NS_MGMT),
+                        (AdminOpcode.DOORBELL_BUFFER_CONFIG, OACS.DBBUF),
+                        (AdminOpcode.VIRTUALIZATION_MANAGEMENT, OACS.VMS),
+                        (AdminOpcode.GET_LBA_STATUS, OACS.GET_LBA_STATUS)):
+        if opcode in ctrl.admin_handlers:
+            oacs |= bit
+    oncs = ONCS.SAVE_SELECT | ONCS.TIMESTAMP
+    for opcode, bit in ((0x05, ONCS.COMPARE), (0x09, ONCS.DSM), (0x08, ONCS.WRITE_ZEROES), (0x0C, ONCS.VERIFY)):
+        if opcode in ctrl.io_handlers:
+            oncs |= bit
+    psd = [PowerStateDescriptor() for _ in range(32)]
+    psd[0] = PowerStateDescriptor(mp=int(m.power_state_watts * 100), enlat=0, exlat=0)
+    return IdentifyController(
+        vid=m.vendor_id, ssvid=m.subsystem_vendor_id, sn=sub.serial, mn=m.model_number, fr=m.firmware_revision,
+        rab=6, ieee=m.ieee_oui, cmic=0, mdts=m.mdts, cntlid=ctrl.cntlid, ver=VS_2_1,
+        oaes=OAES_NS_ATTRIBUTE_NOTICES, cntrltype=1, oacs=int(oacs), acl=m.acl, aerl=m.aerl, frmw=0x03,
+        lpa=LPA_CMD_EFFECTS | LPA_EXTENDED_DATA, elpe=m.error_log_entries - 1, npss=0, wctemp=343, cctemp=373,
+        tnvmcap=sub.capacity_bytes, unvmcap=sub.unallocated_capacity_bytes,
+        kas=max(1, m.keep_alive_granularity_ms // 100),
+        sqes=0x66, cqes=0x44, nn=m.max_namespaces, oncs=int(oncs), vwc=VWC_PRESENT_FLUSH_ALL, subnqn=sub.nqn, psd=psd,
+    )
+
+
+def lba_formats(ctrl: Controller) -> list[LbaFormat]:
+    fmts = [LbaFormat() for _ in range(64)]
+    for i, size in enumerate(ctrl.model.lba_data_sizes):
+        fmts[i] = LbaFormat(ms=0, lbads=size.bit_length() - 1, rp=0 if size == 4096 else 2)
+    return fmts
+
+
+def identify_namespace(ctrl: Controller, ns: Namespace | None) -> IdentifyNamespace:
+    """Identify Namespace for `ns`, or the capabilities common to all namespaces when None."""
+    fmts = lba_formats(ctrl)
+    nlbaf = len(ctrl.model.lba_data_sizes) - 1
+    if ns is None:
+        return IdentifyNamespace(nlbaf=nlbaf, dlfeat=DLFEAT_READ_ZEROES | DLFEAT_WZ_DEAC, lbaf=fmts)
+    index = ctrl.model.lba_data_sizes.index(ns.lba_size)
+    return IdentifyNamespace(
+        nsze=ns.nsze, ncap=ns.nsze, nuse=ns.nuse, nsfeat=NSFEAT_THINP, nlbaf=nlbaf,
+        flbas=(index & 0xF) | ((index >> 4) & 0x3) << 5, dlfeat=DLFEAT_READ_ZEROES | DLFEAT_WZ_DEAC,
+        nvmcap=ns.nsze * ns.lba_size, nguid=bytes.fromhex(ns.info.nguid), eui64=bytes.fromhex(ns.info.eui64),
+        lbaf=fmts,
+    )
+
+
+def nvm_identify_namespace(ctrl: Controller, ns: Namespace) -> NvmIdentifyNamespace:
+    return NvmIdentifyNamespace()
+
+
+def nvm_identify_controller(ctrl: Controller) -> NvmIdentifyController:
+    return NvmIdentifyController(ver=0x00010100)
