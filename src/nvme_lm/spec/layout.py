@@ -20,7 +20,7 @@ import dataclasses
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar, cast, dataclass_transform
 
 __all__ = [
     "Ascii",
@@ -112,7 +112,7 @@ def _uint_kind(size: int) -> Kind:
 
 
 def _ascii_dec(b: bytes) -> str:
-    # latin-1 maps every byte, so junk from a foreign device still decodes (and shows up in the value).
+    # latin-1 maps every byte 1:1, so junk from a foreign device decodes, and re-encodes unchanged.
     return b.rstrip(b" \x00").decode("latin-1")
 
 
@@ -123,7 +123,7 @@ def _ascii_kind(length: int, pad: str) -> Kind:
 
     def make(label: str) -> Callable[[str], bytes]:
         def enc(v: str) -> bytes:
-            b = v.encode("ascii")
+            b = v.encode("latin-1")  # byte-transparent; the spec asks for ASCII, the device model supplies it
             if len(b) > length:
                 raise ValueError(f"{label}={v!r} is {len(b)} bytes, the field holds {length}")
             # An empty string means "not reported": all zero bytes, whatever the pad.
@@ -137,6 +137,8 @@ def _ascii_kind(length: int, pad: str) -> Kind:
 def _raw_kind(length: int) -> Kind:
     def make(label: str) -> Callable[[Any], bytes]:
         def enc(v: bytes) -> bytes:
+            if not isinstance(v, bytes | bytearray | memoryview):  # bytes(5) would be five zeros
+                raise TypeError(f"{label} must be bytes, got {type(v).__name__}")
             if len(v) > length:
                 raise ValueError(f"{label} is {len(v)} bytes, the field holds {length}")
             return bytes(v)  # struct pads a short value with zero bytes
@@ -150,8 +152,7 @@ u8 = Kind("B", 1, 0)
 u16 = Kind("H", 2, 0)
 u32 = Kind("I", 4, 0)
 u64 = Kind("Q", 8, 0)
-U128 = _uint_kind(16)
-u128 = U128  # 16-byte little-endian integer (capacities, SMART counters)
+u128 = _uint_kind(16)  # 16-byte little-endian integer (capacities, SMART counters)
 
 
 def uint(offset: int, size: int) -> Any:
@@ -160,7 +161,11 @@ def uint(offset: int, size: int) -> Any:
 
 
 def ascii_field(offset: int, length: int, pad: str = " ") -> Any:
-    """ASCII text padded with ``pad``; decode strips trailing spaces and NULs, "" encodes as zeros."""
+    """ASCII text padded with ``pad``; decode strips trailing spaces and NULs, "" encodes as zeros.
+
+    Bytes map 1:1 to characters U+0000-U+00FF (latin-1) so any decoded value re-encodes to the same
+    bytes; characters above U+00FF raise ValueError.
+    """
     return _ascii_kind(length, pad)(offset)
 
 
@@ -228,7 +233,7 @@ class Layout:
             raise ValueError(
                 f"{cls.__name__} needs {cls.SIZE} bytes at offset {offset}, the buffer has {max(have, 0)}"
             )
-        return cls._from_flat(cls.STRUCT.unpack_from(buf, offset), 0)
+        return cast(Self, cls._from_flat(cls.STRUCT.unpack_from(buf, offset), 0))
 
     def encode(self) -> bytes:
         """Exactly ``SIZE`` bytes; reserved bytes are zero."""
@@ -297,6 +302,7 @@ def _layout_array_encoder(label: str, count: int, elem: type[Layout]) -> Callabl
     return enc
 
 
+@dataclass_transform()  # so type checkers see the generated __init__ (fields default to their declaration)
 def layout(size: int) -> Callable[[type[L]], type[L]]:
     """Class decorator: make ``cls`` a (slotted) dataclass if it is not one, and compile its layout."""
 
@@ -390,6 +396,6 @@ def _compile(cls: type[Layout], size: int) -> None:
     cls._FMT = body
     cls._NITEMS = slot
     cls._OFFSETS = offsets
-    cls._from_flat = staticmethod(ns["_from_flat"])  # type: ignore[assignment]
+    cls._from_flat = staticmethod(ns["_from_flat"])
     cls._to_flat = ns["_to_flat"]  # type: ignore[method-assign]
     cls._ZERO_FLAT = cls()._to_flat()
