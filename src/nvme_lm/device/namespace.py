@@ -52,7 +52,7 @@ class NamespaceInfo:
 
 class Namespace:
     def __init__(self, info: NamespaceInfo, path: Path) -> None:
-        if info.lba_size not in (512, 4096) and info.lba_size & (info.lba_size - 1):
+        if info.lba_size < 512 or info.lba_size & (info.lba_size - 1):  # LBADS is a power of two >= 9
             raise ValueError(f"unsupported LBA size {info.lba_size}")
         self.info = info
         self.path = path

@@ -23,8 +23,10 @@ class SmartCounters:
     started: float = field(default_factory=time.monotonic)
     power_on_seconds_base: float = 0.0
 
-    def on_read(self, nbytes: int) -> None:
-        self.host_read_commands += 1
+    def on_read(self, nbytes: int, command: bool = True) -> None:
+        """Read and Compare count as Host Read Commands; Verify only adds to Data Units Read."""
+        if command:
+            self.host_read_commands += 1
         self._read_bytes += nbytes
         self.data_units_read = -(-self._read_bytes // 512000)
 

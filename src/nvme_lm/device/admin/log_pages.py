@@ -134,7 +134,7 @@ def get_log_page(req: Request) -> st.Status:
         raise NvmeError(st.INVALID_FIELD, "log page offset is not dword aligned", PEL_OFFSET)
     length = numd * 4
     mdts = req.ctrl.model.mdts
-    if mdts and length > req.ctrl.page_size << mdts:
+    if mdts and length > 4096 << (req.ctrl.cap.mpsmin + mdts):
         raise NvmeError(st.INVALID_FIELD, f"{length} bytes exceeds MDTS", PEL_CDW10 + 2)
     data = build(req)
     if offset >= len(data) and length:
