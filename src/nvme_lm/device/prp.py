@@ -13,27 +13,34 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nvme_lm.pcie.iommu import DmaFault
 from nvme_lm.spec import status as st
 
 if TYPE_CHECKING:
     from nvme_lm.pcie.function import PcieFunction
 
 
-def prp_views(fn: PcieFunction, prp1: int, prp2: int, length: int, page_size: int,
-              write: bool) -> list[memoryview]:
+def _offset_invalid(message: str) -> Exception:
+    """NvmeError(PRP Offset Invalid). Imported here, on the error path only: request.py imports this
+    module, and an import statement on every command would cost more than the PRP walk itself."""
     from nvme_lm.device.request import NvmeError
 
+    return NvmeError(st.PRP_OFFSET_INVALID, message)
+
+
+def prp_views(fn: PcieFunction, prp1: int, prp2: int, length: int, page_size: int,
+              write: bool) -> list[memoryview]:
     if length <= 0:
         return []
     if prp1 & 0x3:
-        raise NvmeError(st.PRP_OFFSET_INVALID, "PRP1 is not dword aligned")
+        raise _offset_invalid("PRP1 is not dword aligned")
     first = min(length, page_size - (prp1 & (page_size - 1)))
     remaining = length - first
     if remaining == 0:
         return [fn.dma_view(prp1, first, write)]
     if remaining <= page_size:
         if prp2 & (page_size - 1):
-            raise NvmeError(st.PRP_OFFSET_INVALID, "PRP2 data pointer has a page offset")
+            raise _offset_invalid("PRP2 data pointer has a page offset")
         return _merge(fn, [(prp1, first), (prp2, remaining)], write)
     pages = _walk_list(fn, prp2, -(-remaining // page_size), page_size)
     spans = [(prp1, first)]
@@ -45,10 +52,8 @@ def prp_views(fn: PcieFunction, prp1: int, prp2: int, length: int, page_size: in
 
 def _walk_list(fn: PcieFunction, list_addr: int, count: int, page_size: int) -> np.ndarray:
     """Reads `count` page addresses from a (possibly chained) PRP list."""
-    from nvme_lm.device.request import NvmeError
-
     if list_addr & 0x7:
-        raise NvmeError(st.PRP_OFFSET_INVALID, "PRP list pointer is not qword aligned")
+        raise _offset_invalid("PRP list pointer is not qword aligned")
     out: list[np.ndarray] = []
     got = 0
     addr = list_addr
@@ -65,21 +70,34 @@ def _walk_list(fn: PcieFunction, list_addr: int, count: int, page_size: int) -> 
         got += slots - 1
         addr = int(entries[-1])
         if addr & (page_size - 1):
-            raise NvmeError(st.PRP_OFFSET_INVALID, "chained PRP list pointer is not page aligned")
+            raise _offset_invalid("chained PRP list pointer is not page aligned")
     pages = np.concatenate(out) if len(out) > 1 else out[0].copy()
     if np.any(pages & np.uint64(page_size - 1)):
-        raise NvmeError(st.PRP_OFFSET_INVALID, "PRP list entry has a page offset")
+        raise _offset_invalid("PRP list entry has a page offset")
     return pages
 
 
 def _merge(fn: PcieFunction, spans: list[tuple[int, int]], write: bool) -> list[memoryview]:
     views: list[memoryview] = []
+    first = 0  # index of the first span of the run being merged
     start, size = spans[0]
-    for addr, n in spans[1:]:
+    for i in range(1, len(spans)):
+        addr, n = spans[i]
         if addr == start + size:
             size += n
             continue
-        views.append(fn.dma_view(start, size, write))
-        start, size = addr, n
-    views.append(fn.dma_view(start, size, write))
+        _run_views(fn, spans, first, i, start, size, write, views)
+        first, start, size = i, addr, n
+    _run_views(fn, spans, first, len(spans), start, size, write, views)
     return views
+
+
+def _run_views(fn: PcieFunction, spans: list[tuple[int, int]], lo: int, hi: int, start: int, size: int,
+               write: bool, out: list[memoryview]) -> None:
+    """One view for IOVA-adjacent pages, or one per page when they sit in different IOMMU mappings."""
+    try:
+        out.append(fn.dma_view(start, size, write))
+    except DmaFault:
+        if hi - lo == 1:
+            raise
+        out.extend(fn.dma_view(a, n, write) for a, n in spans[lo:hi])

@@ -37,14 +37,13 @@ class Ring:
         if contiguous:
             self.pages = np.array([base], dtype=np.uint64)
         else:
-            npages = -(-nbytes // page_size)
-            if npages == 1:
-                self.pages = np.array([base], dtype=np.uint64)
-                self.contiguous = True
-            else:
-                from nvme_lm.device.prp import _walk_list
+            from nvme_lm.device.prp import _walk_list
 
-                self.pages = _walk_list(fn, base, npages, page_size)
+            # PC=0: `base` is a PRP list pointer, even when the ring fits in one page
+            npages = -(-nbytes // page_size)
+            self.pages = _walk_list(fn, base, npages, page_size)
+            if npages == 1:
+                self.contiguous = True
         self._nbytes = nbytes
         self._gen = -1
         self._views: list[memoryview] = []

@@ -6,6 +6,7 @@ polling the phase bit. Timeouts are reported as `NvmeTimeout`, never as a hang.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,41 @@ class NvmeCommandError(Exception):
 
 
 Callback = Callable[[Completion], None]
+_U32 = struct.Struct("<I")
+
+
+class ShadowDoorbellPages:
+    """The host's half of Doorbell Buffer Config: a Shadow Doorbell page and an EventIdx page.
+
+    A queue pair in shadow mode writes its new SQ tail / CQ head into the shadow page and rings
+    the MMIO doorbell only when the controller's EventIdx says it is waiting for that value
+    (Linux's nvme_dbbuf_update_and_check_event): (u16)(new - ei - 1) < (u16)(new - old).
+    """
+
+    def __init__(self, mem: DmaMemory, dstrd: int = 0) -> None:
+        self.mem = mem
+        self.stride = 4 << dstrd
+        self.shadow_addr = mem.alloc(mem.page_size)
+        self.eventidx_addr = mem.alloc(mem.page_size)
+        self.shadow = mem.view(self.shadow_addr, mem.page_size)
+        self.eventidx = mem.view(self.eventidx_addr, mem.page_size)
+
+    def offset(self, qid: int, is_cq: bool) -> int:
+        return (2 * qid + int(is_cq)) * self.stride
+
+    def update(self, qid: int, is_cq: bool, value: int) -> bool:
+        """Stores `value` as the doorbell; True if the MMIO doorbell must be rung as well."""
+        off = self.offset(qid, is_cq)
+        if off + 4 > len(self.shadow):
+            return True  # beyond the page: this queue has no shadow doorbell
+        old = _U32.unpack_from(self.shadow, off)[0]
+        _U32.pack_into(self.shadow, off, value)
+        event_idx = _U32.unpack_from(self.eventidx, off)[0]
+        return ((value - event_idx - 1) & 0xFFFF) < ((value - old) & 0xFFFF)
+
+    def release(self) -> None:
+        for addr in (self.shadow_addr, self.eventidx_addr):
+            self.mem.free(addr)
 
 
 class QueuePair:
@@ -72,7 +108,9 @@ class QueuePair:
         self.outstanding: dict[int, tuple[Callback | None, list[int]]] = {}
         self.done: dict[int, Completion] = {}
         self.irq = threading.Event()
-        self.lock = threading.Lock()
+        self.shadow: ShadowDoorbellPages | None = None  # set after Doorbell Buffer Config
+        self.mmio_doorbells = 0  # MMIO doorbell writes (what shadow doorbells save)
+        self.lock = threading.RLock()  # re-entrant: a completion callback may submit again
         self._unrung = 0
 
     # --- submission ---------------------------------------------------------------------------
@@ -97,9 +135,17 @@ class QueuePair:
         return cid
 
     def ring(self) -> None:
-        if self._unrung:
-            self._unrung = 0
-            self.fn.bar0.write32(self.sq_db, self.sq_tail)
+        with self.lock:  # a stale tail rung after a newer one would make the device replay old slots
+            if self._unrung:
+                self._unrung = 0
+                self._doorbell(self.sq_db, self.sq_tail, is_cq=False)
+
+    def _doorbell(self, offset: int, value: int, is_cq: bool) -> None:
+        shadow = self.shadow
+        if shadow is not None and not shadow.update(self.qid, is_cq, value):
+            return  # the controller will read it from the shadow buffer
+        self.mmio_doorbells += 1
+        self.fn.bar0.write32(offset, value)
 
     # --- completion ---------------------------------------------------------------------------
     def reap(self) -> int:
@@ -125,15 +171,15 @@ class QueuePair:
                 callback, cleanup = entry
                 for addr in cleanup:
                     self.mem.free(addr)
-                self._free_cids.append(cid)
                 if callback is None:
-                    self.done[cid] = comp
+                    self.done[cid] = comp  # the CID stays taken until `wait` hands the result over
                 else:
+                    self._free_cids.append(cid)
                     callback(comp)
             if n:
                 self.cq_head, self.phase = head, phase
-        if n:
-            self.fn.bar0.write32(self.cq_db, head)
+                # under the lock: two reapers must not ring heads out of order (head going back)
+                self._doorbell(self.cq_db, head, is_cq=True)
         return n
 
     def wait(self, cid: int, timeout: float, poll: bool = False) -> Completion:
@@ -142,9 +188,11 @@ class QueuePair:
         while True:
             self.irq.clear()
             self.reap()
-            comp = self.done.pop(cid, None)
-            if comp is not None:
-                return comp
+            with self.lock:
+                comp = self.done.pop(cid, None)
+                if comp is not None:
+                    self._free_cids.append(cid)  # only now: a reused CID must not find a stale result
+                    return comp
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NvmeTimeout(f"command {cid} on queue {self.qid} timed out after {timeout:.1f}s")

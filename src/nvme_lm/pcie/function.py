@@ -81,6 +81,7 @@ class PcieFunction:
         self.msix = MsixTable(msix_vectors)
         self.command = 0
         self.flr_count = 0
+        self.virtfns: list[PcieFunction] = []  # a PF's SR-IOV VFs, VF number n at [n - 1]
 
     def attach(self, device: RegisterWindow) -> None:
         """Installs the device behind this function (done once, by whoever builds the hardware)."""
@@ -96,7 +97,9 @@ class PcieFunction:
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         if offset == 0x04 and size in (2, 4):
-            self.command = value & 0x0406
+            old, self.command = self.command, value & 0x0406
+            if (old ^ self.command) & CMD_BUS_MASTER:
+                self.iommu.invalidate()  # cached queue views must not outlive bus mastering
         # other writable fields (BARs, latency timer...) are not modelled
 
     def _config_space(self) -> bytes:
@@ -129,6 +132,7 @@ class PcieFunction:
         """Function Level Reset: the device resets, the function loses bus mastering and MSI-X."""
         self.flr_count += 1
         self.command = 0
+        self.iommu.invalidate()
         self.msix.reset()
         if self.bar0.device:
             self.bar0.device.function_level_reset()

@@ -8,6 +8,7 @@ NVMe status. Views are memoryviews into the mapped buffer, so data moves with no
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,12 +41,14 @@ class Iommu:
     `on_write` (optional) is told of every range the device is about to write; the memory
     change tracking of TP4159 (Track Send, Track Memory Changes) hooks in there.
     `generation` changes on every unmap so holders of cached views know to translate again.
+    Mapping lists are replaced, never edited in place, so a device thread translating while
+    the host maps or unmaps sees either the old or the new table, never a torn one.
     """
 
     def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._maps: list[Mapping] = []
-        self._last: Mapping | None = None
+        self._table: tuple[list[int], list[Mapping]] = ([], [])  # (sorted starts, mappings), swapped whole
+        self._last: tuple[int, Mapping] | None = None  # (generation, mapping) of the last hit
+        self._lock = threading.Lock()
         self.generation = 0
         self.on_write: Callable[[int, int], None] | None = None
         self.faults = 0
@@ -54,41 +57,55 @@ class Iommu:
         mv = memoryview(buf).cast("B")
         if iova < 0 or len(mv) == 0:
             raise ValueError("mapping must have a non-negative IOVA and non-zero size")
-        i = bisect.bisect_right(self._starts, iova)
-        if i > 0 and self._maps[i - 1].end > iova:
-            raise ValueError(f"IOVA {iova:#x} overlaps an existing mapping")
-        if i < len(self._maps) and self._maps[i].iova < iova + len(mv):
-            raise ValueError(f"IOVA range {iova:#x}+{len(mv):#x} overlaps an existing mapping")
-        self._starts.insert(i, iova)
-        self._maps.insert(i, Mapping(iova, len(mv), mv, writable))
+        with self._lock:
+            starts, maps = list(self._table[0]), list(self._table[1])
+            i = bisect.bisect_right(starts, iova)
+            if i > 0 and maps[i - 1].end > iova:
+                raise ValueError(f"IOVA {iova:#x} overlaps an existing mapping")
+            if i < len(maps) and maps[i].iova < iova + len(mv):
+                raise ValueError(f"IOVA range {iova:#x}+{len(mv):#x} overlaps an existing mapping")
+            starts.insert(i, iova)
+            maps.insert(i, Mapping(iova, len(mv), mv, writable and not mv.readonly))
+            self._table = (starts, maps)
 
     def unmap(self, iova: int) -> None:
-        i = bisect.bisect_left(self._starts, iova)
-        if i == len(self._starts) or self._starts[i] != iova:
-            raise KeyError(f"no mapping starts at {iova:#x}")
-        del self._starts[i]
-        del self._maps[i]
-        self._last = None
-        self.generation += 1
+        with self._lock:
+            starts, maps = self._table
+            i = bisect.bisect_left(starts, iova)
+            if i == len(starts) or starts[i] != iova:
+                raise KeyError(f"no mapping starts at {iova:#x}")
+            self._table = (starts[:i] + starts[i + 1 :], maps[:i] + maps[i + 1 :])
+            self.generation += 1
+            self._last = None
 
     def clear(self) -> None:
-        self._starts.clear()
-        self._maps.clear()
-        self._last = None
-        self.generation += 1
+        with self._lock:
+            self._table = ([], [])
+            self.generation += 1
+            self._last = None
+
+    def invalidate(self) -> None:
+        """Tells holders of cached views to translate again (e.g. bus mastering was switched)."""
+        with self._lock:
+            self.generation += 1
+            self._last = None
 
     def mappings(self) -> list[Mapping]:
-        return list(self._maps)
+        return list(self._table[1])
 
     def _find(self, iova: int, length: int, write: bool) -> Mapping:
-        m = self._last
-        if m is None or not (m.iova <= iova and iova + length <= m.end):
-            i = bisect.bisect_right(self._starts, iova) - 1
-            if i < 0 or iova + length > self._maps[i].end or length < 0:
+        hit = self._last
+        gen = self.generation
+        if hit is not None and hit[0] == gen and hit[1].iova <= iova and length >= 0 and iova + length <= hit[1].end:
+            m = hit[1]
+        else:
+            starts, maps = self._table
+            i = bisect.bisect_right(starts, iova) - 1
+            if i < 0 or length < 0 or iova + length > maps[i].end:
                 self.faults += 1
                 raise DmaFault(iova, length, write)
-            m = self._maps[i]
-            self._last = m
+            m = maps[i]
+            self._last = (gen, m)
         if write and not m.writable:
             self.faults += 1
             raise DmaFault(iova, length, write, "read-only mapping")

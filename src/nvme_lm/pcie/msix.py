@@ -25,21 +25,26 @@ class MsixTable:
 
     def connect(self, sink: Callable[[int], None] | None) -> None:
         """The host's interrupt controller: called with the vector number on each interrupt."""
-        self._sink = sink
+        with self._lock:
+            self._sink = sink
+        self._flush()
 
     def enable(self, on: bool = True) -> None:
-        self.enabled = on
+        with self._lock:
+            self.enabled = on
         if on:
             self._flush()
 
     def mask(self, vector: int, masked: bool) -> None:
         self._check(vector)
-        self._masked[vector] = masked
+        with self._lock:
+            self._masked[vector] = masked
         if not masked:
             self._flush()
 
     def set_function_mask(self, masked: bool) -> None:
-        self.function_mask = masked
+        with self._lock:
+            self.function_mask = masked
         if not masked:
             self._flush()
 
@@ -71,11 +76,29 @@ class MsixTable:
             self._masked = [True] * self.nvectors
             self._pending = [False] * self.nvectors
 
+    def resize(self, nvectors: int) -> None:
+        """New Table Size (an SR-IOV VF's follows the VI resources assigned to it); every entry
+        comes back masked with nothing pending, as after a reset."""
+        if nvectors < 1:
+            raise ValueError("an MSI-X capability has at least one vector")
+        with self._lock:
+            self.nvectors = nvectors
+            self._masked = [True] * nvectors
+            self._pending = [False] * nvectors
+            self.delivered = [0] * nvectors
+
     def _flush(self) -> None:
-        for v in range(self.nvectors):
-            if self._pending[v] and not self._masked[v] and not self.function_mask and self.enabled:
+        """Delivers pending vectors that are now unmasked (under the lock, so none is lost)."""
+        with self._lock:
+            if not self.enabled or self.function_mask or self._sink is None:
+                return
+            due = [v for v in range(self.nvectors) if self._pending[v] and not self._masked[v]]
+            for v in due:
                 self._pending[v] = False
-                self.fire(v)
+                self.delivered[v] += 1
+            sink = self._sink
+        for v in due:
+            sink(v)
 
     def _check(self, vector: int) -> None:
         if not 0 <= vector < self.nvectors:

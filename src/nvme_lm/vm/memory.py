@@ -81,8 +81,8 @@ class GuestMemory:
         raise OutOfGuestMemory(f"no {n} contiguous free pages in guest memory")
 
     def free(self, addr: int) -> None:
-        page = (addr - self.base) // self.page_size
-        n = self._allocated.pop(page, None)
+        page, rem = divmod(addr - self.base, self.page_size)
+        n = self._allocated.pop(page, None) if rem == 0 else None
         if n is None:
             raise ValueError(f"{addr:#x} is not an allocation")
         i = bisect.bisect_left(self._free, (page, 0))
