@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 FID_ARBITRATION = 0x01
 FID_KEEP_ALIVE = 0x0F
+ENGINE_PASS_LIMIT = 256  # commands per engine pass before its interrupts are signalled
+CC_WRITABLE = 0x00FFFFF1  # EN, CSS, MPS, AMS, SHN, IOSQES, IOCQES
 
 
 class Controller:
@@ -76,12 +78,14 @@ class Controller:
         self.features = FeatureState(default_feature_specs(m))
         self.events = EventQueue()
         self.aers: deque[Request] = deque()
+        self.abort_marks: dict[tuple[int, int], SubmissionQueue] = {}  # (SQID, CID) to abort when fetched
         self.error_log = ErrorLog(m.error_log_entries)
         self.changed_namespaces: list[int] = []
         self.irq = InterruptAggregator(fn.msix)
         self.shadow = None  # ShadowDoorbells once Doorbell Buffer Config ran
         self.keep_alive_deadline: float | None = None
         self.shut_down = False
+        self._shutdown_pending = Shn.NONE
         self.commands_completed = 0
 
         self._lock = threading.RLock()
@@ -101,6 +105,9 @@ class Controller:
         if offset >= DOORBELL_BASE:
             return 0  # doorbells are write-only; reads return zero
         wide = {Reg.CAP: self.cap.encode(), Reg.ASQ: self.asq, Reg.ACQ: self.acq}
+        if size == 8 and offset not in wide:
+            # a 64-bit access to 32-bit registers reads both dwords, as a PCIe split would
+            return self.mmio_read(offset, 4) | self.mmio_read(offset + 4, 4) << 32
         if offset in wide:
             value = wide[offset]  # type: ignore[index]
         elif offset - 4 in wide:
@@ -112,6 +119,11 @@ class Controller:
         return value & ((1 << (8 * size)) - 1)
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
+        if size == 8 and offset not in (Reg.CAP, Reg.ASQ, Reg.ACQ):
+            # a 64-bit write to 32-bit registers (or doorbells) writes both dwords, low first
+            self.mmio_write(offset, 4, value & 0xFFFFFFFF)
+            self.mmio_write(offset + 4, 4, value >> 32)
+            return
         if offset >= DOORBELL_BASE:
             self._doorbell(offset, value & 0xFFFF)
             return
@@ -141,22 +153,29 @@ class Controller:
 
     def _write_cc(self, value: int) -> None:
         old = self.cc
+        value &= CC_WRITABLE  # reserved bits (and CRIME, not supported) read as zero
         self.cc = value
         if value & CC.EN and not old & CC.EN:
             self._enable()
         elif not value & CC.EN and old & CC.EN:
             self.controller_reset()
-        if value & CC.EN and CC.shn(value) != Shn.NONE and CC.shn(old) == Shn.NONE:
-            self._shutdown(CC.shn(value))
+        if CC.shn(value) != Shn.NONE and CC.shn(old) == Shn.NONE:
+            # Shutdown runs in the engine, so the host sees SHST 01b (occurring) before 10b.
+            self.csts = (self.csts & ~CSTS.SHST_MASK) | CSTS.SHST_OCCURRING
+            self._shutdown_pending = CC.shn(value)
+            self._work.set()
 
     def _enable(self) -> None:
         mps = CC.mps(self.cc)
         asqs, acqs = aqa_decode(self.aqa)
         problem = None
+        css = CC.css(self.cc)
         if not self.cap.mpsmin <= mps <= self.cap.mpsmax:
             problem = f"CC.MPS {mps} outside CAP.MPSMIN..MPSMAX"
-        elif CC.css(self.cc) not in (0, 6, 7):
-            problem = f"CC.CSS {CC.css(self.cc)} not supported"
+        elif not (css == 0 and self.cap.css & 0x01) and not (css == 6 and self.cap.css & 0x40):
+            problem = f"CC.CSS {css} not supported by CAP.CSS {self.cap.css:#x}"
+        elif CC.ams(self.cc) != 0 and not self.cap.ams & (1 << (CC.ams(self.cc) - 1)):
+            problem = f"CC.AMS {CC.ams(self.cc)} not supported"
         elif asqs < 1 or acqs < 1:
             problem = "admin queues need at least two entries (AQA)"
         elif self.asq == 0 or self.acq == 0:
@@ -175,6 +194,8 @@ class Controller:
         cq.sqs.add(0)
         self.cqs = {0: cq}
         self.sqs = {0: sq}
+        if self._shutdown_pending:
+            self._shutdown()  # finish a shutdown asked for while disabled, before running again
         self.shut_down = False
         self.csts = CSTS.RDY
         self._work.set()
@@ -186,26 +207,36 @@ class Controller:
             self.cqs.clear()
             self.overflow.clear()
             self.aers.clear()  # outstanding AERs are dropped with no completion
+            self.abort_marks.clear()
             self.events.clear()
             self.irq.reset()
             self.features.reset()
+            self.features.apply_interrupts(self.irq)  # saved coalescing settings survive a reset
             self.shadow = None
             self.nsqa = self.ncqa = 0
             self.queues_requested = False
             self.keep_alive_deadline = None
+            if self._shutdown_pending:
+                self._shutdown()  # a reset right after CC.SHN still leaves the media flushed
             self.shut_down = False
+            self.intms = 0
             self.csts = self.csts & CSTS.SHST_MASK if not full else 0
             if full:
-                self.cc = self.aqa = self.asq = self.acq = self.intms = 0
+                self.cc = self.aqa = self.asq = self.acq = 0
 
     def function_level_reset(self) -> None:
         self.controller_reset(full=True)
 
-    def _shutdown(self, kind: int) -> None:
-        self.csts = (self.csts & ~CSTS.SHST_MASK) | CSTS.SHST_OCCURRING
+    def _shutdown(self) -> None:
+        """CC.SHN (normal or abrupt): flush the write cache, stop I/O, report SHST complete.
+
+        Commands run to completion as they are fetched, so normal and abrupt shutdown
+        differ only in what the host did before asking; both leave the media consistent.
+        """
+        self._shutdown_pending = Shn.NONE
         for nsid in self.subsystem.attached_namespaces(self.cntlid):
-            ns = self.subsystem.namespaces[nsid]
-            if ns.dirty:
+            ns = self.subsystem.namespaces.get(nsid)
+            if ns is not None and ns.dirty:
                 ns.flush()
         self.shut_down = True
         self.csts = (self.csts & ~CSTS.SHST_MASK) | CSTS.SHST_COMPLETE
@@ -224,9 +255,10 @@ class Controller:
             elif value >= cq.size or (value - cq.head) % cq.size > (cq.tail - cq.head) % cq.size:
                 self._doorbell_error(ErrorEventInfo.INVALID_DOORBELL_VALUE, qid)
             else:
+                if self.shadow is not None:
+                    self.shadow.doorbell_written(qid, True, value)
                 cq.head = value
-                if self.overflow.get(qid):
-                    self._work.set()
+                self._work.set()  # freed slots may unblock an SQ or drain held completions
             return
         sq = self.sqs.get(qid)
         if sq is None:
@@ -234,6 +266,8 @@ class Controller:
         elif value >= sq.size:
             self._doorbell_error(ErrorEventInfo.INVALID_DOORBELL_VALUE, qid)
         else:
+            if self.shadow is not None:
+                self.shadow.doorbell_written(qid, False, value)
             sq.tail = value
             self._work.set()
 
@@ -256,6 +290,8 @@ class Controller:
             self._work.clear()
             try:
                 with self._lock:
+                    if self._shutdown_pending:
+                        self._shutdown()
                     did = self._service()
                     wait = self.irq.flush()
                     self._check_keep_alive()
@@ -266,35 +302,59 @@ class Controller:
                 self._work.set()
 
     def _service(self) -> bool:
+        """One engine pass: round-robin rounds (up to the Arbitration Burst from each SQ per round)
+        until no SQ has runnable work or ENGINE_PASS_LIMIT commands ran. The caller signals the
+        interrupts of the whole pass once, so a batch of N commands costs the host one wake-up,
+        not one per burst. Returns True when another pass must follow at once."""
         if not self.ready or self.csts & CSTS.CFS:
             return False
         self._drain_overflow()
         if self.shadow is not None:
             self.shadow.refresh(self)
-        did = False
         ab = self.features.get(FID_ARBITRATION) & 0x7
         burst = 1 << 30 if ab == 7 else 1 << ab
-        for sq in list(self.sqs.values()):
-            if self.shut_down and sq.qid != 0:
-                continue
-            n = min(sq.pending, burst, sq.cq.free_slots - len(self.overflow.get(sq.cq.qid, ())))
-            for _ in range(n):
-                if self.sqs.get(sq.qid) is not sq:
-                    break  # the queue was deleted by a command in this burst
-                self._fetch_and_execute(sq)
-            did = did or n > 0
-        return did
+        done = 0
+        while done < ENGINE_PASS_LIMIT:
+            ran = 0
+            for sq in list(self.sqs.values()):
+                if self.shut_down and sq.qid != 0:
+                    continue
+                n = min(sq.pending, burst, sq.cq.free_slots - len(self.overflow.get(sq.cq.qid, ())))
+                for _ in range(n):
+                    if self.sqs.get(sq.qid) is not sq or not self.ready or self.csts & CSTS.CFS:
+                        break  # deleted by a command in this burst, or the controller stopped
+                    self._fetch_and_execute(sq)
+                    ran += 1
+            if not ran:
+                break
+            done += ran
+        # Doorbells rung meanwhile have set `_work` already; go again at once only if the pass was
+        # cut short, or shadow doorbells (written without an MMIO doorbell) may have moved.
+        return done >= ENGINE_PASS_LIMIT or (done > 0 and self.shadow is not None)
+
+    def _fatal(self, why: str) -> None:
+        """A failure no CQE can report (SQE fetch or CQE post DMA fault): CSTS.CFS, as QEMU does."""
+        log.warning("controller %d fatal: %s", self.cntlid, why)
+        self.csts |= CSTS.CFS
 
     def _fetch_and_execute(self, sq: SubmissionQueue) -> None:
-        view, off = sq.ring.slot(sq.head)
-        sqe = SQE(*unpack_sqe_from(view, off))
+        try:
+            view, off = sq.ring.slot(sq.head)
+            sqe = SQE(*unpack_sqe_from(view, off))
+        except DmaFault as e:
+            self._fatal(f"cannot fetch from SQ {sq.qid}: {e}")
+            return
         sq.head = (sq.head + 1) % sq.size
         req = Request(self, sq, sqe)
         table = self.admin_handlers if sq.qid == 0 else self.io_handlers
         handler = table.get(sqe.opcode)
         pel = 0xFFFF
         try:
-            if handler is None:
+            if self.abort_marks and self.abort_marks.pop((sq.qid, sqe.cid), None) is sq:
+                status = st.ABORT_REQUESTED  # an Abort named it while it waited in the SQ
+            elif sq.qid == 0 and self.aers and any(a.sqe.cid == sqe.cid for a in self.aers):
+                status = st.CID_CONFLICT  # the CID of an outstanding AER
+            elif handler is None:
                 status = st.INVALID_OPCODE
             elif sqe.fuse:
                 status = st.INVALID_FIELD  # fused operations are not supported (FUSES = 0)
@@ -319,7 +379,7 @@ class Controller:
             sq = req.sq
             if self.sqs.get(sq.qid) is not sq:
                 return  # the queue is gone; a deleted queue's commands complete nowhere
-            field = status.field
+            field = 0 if status is st.SUCCESS else status.field  # the common case skips the property
             if field:
                 self.error_log.record(sq.qid, req.sqe.cid, field, pel, nsid=req.sqe.nsid)
             cq = sq.cq
@@ -327,7 +387,11 @@ class Controller:
             if cq.full or self.overflow.get(cq.qid):
                 self.overflow.setdefault(cq.qid, deque()).append(entry)
                 return
-            cq.post(*entry)
+            try:
+                cq.post(*entry)
+            except DmaFault as e:
+                self._fatal(f"cannot post to CQ {cq.qid}: {e}")
+                return
             self.commands_completed += 1
             if cq.ien:
                 self.irq.add(cq.vector)
@@ -344,7 +408,12 @@ class Controller:
                 del self.overflow[qid]
                 continue
             while entries and not cq.full:
-                cq.post(*entries.popleft())
+                try:
+                    cq.post(*entries[0])
+                except DmaFault as e:
+                    self._fatal(f"cannot post to CQ {qid}: {e}")
+                    return
+                entries.popleft()
                 self.commands_completed += 1
                 if cq.ien:
                     self.irq.add(cq.vector)
@@ -363,6 +432,8 @@ class Controller:
 
     # ================================================================ async events
     def post_event(self, event: AsyncEvent) -> None:
+        if not self.features.async_event_enabled(event.type, event.info):
+            return  # masked by Asynchronous Event Configuration (FID 0Bh)
         with self._lock:
             self.events.add(event)
             self.deliver_events()

@@ -43,6 +43,7 @@ class NamespaceInfo:
     nguid: str  # 32 hex digits
     eui64: str  # 16 hex digits
     uuid: str
+    nmic: int = 1  # bit 0: shared, may be attached to several controllers (NMIC)
 
     @classmethod
     def new(cls, nsid: int, nsze: int, lba_size: int) -> NamespaceInfo:
@@ -94,8 +95,23 @@ class Namespace:
 
     def save_info(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self.info), indent=2))
+        data = asdict(self.info)
+        if data["nmic"] == 1:
+            del data["nmic"]  # written only for private namespaces: older files stay the same
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.path.with_suffix(".json"))
+
+    def reformat(self, lba_size: int) -> None:
+        """Format NVM: a new LBA size over the same capacity in bytes; every block deallocated."""
+        nbytes = self.info.nsze << self.lba_shift
+        self.info.lba_size = lba_size
+        self.info.nsze = nbytes // lba_size
+        self.lba_shift = lba_size.bit_length() - 1
+        os.ftruncate(self.fd, 0)  # drops every extent: the whole namespace reads as zeroes
+        os.ftruncate(self.fd, self.info.nsze << self.lba_shift)
+        os.fsync(self.fd)
+        self.dirty = False
+        self.save_info()
 
     def destroy(self) -> None:
         self.close()

@@ -12,9 +12,10 @@ from collections import defaultdict
 from nvme_lm.host import commands as cmd
 from nvme_lm.host.memory import DmaMemory
 from nvme_lm.host.prp import PrpBuilder
-from nvme_lm.host.qpair import Completion, NvmeCommandError, NvmeTimeout, QueuePair
+from nvme_lm.host.qpair import Completion, NvmeCommandError, NvmeTimeout, QueuePair, ShadowDoorbellPages
 from nvme_lm.pcie.function import PcieFunction
 from nvme_lm.spec.commands import SQE
+from nvme_lm.spec.identify import IdentifyNamespace, encode_ctrl_list
 from nvme_lm.spec.registers import CC, CSTS, Cap, Reg, Shn, aqa
 
 FID_NUMBER_OF_QUEUES = 0x07
@@ -37,6 +38,7 @@ class NvmeDriver:
         self.admin_q: QueuePair | None = None
         self.io_queues: dict[int, IoQueue] = {}
         self._by_vector: dict[int, list[QueuePair]] = defaultdict(list)
+        self.shadow: ShadowDoorbellPages | None = None  # Doorbell Buffer Config pages, if in use
 
     # --- registers ------------------------------------------------------------------------------
     def _csts(self) -> int:
@@ -46,7 +48,7 @@ class NvmeDriver:
         deadline = time.monotonic() + max(self.cap.to, 1) * 0.5
         while True:
             csts = self._csts()
-            if csts & CSTS.CFS:
+            if csts & CSTS.CFS and want:  # a reset (waiting for RDY=0) is how a host clears CFS
                 raise ControllerFatal(f"controller fatal status while waiting for {what}")
             if csts & mask == want:
                 return
@@ -86,6 +88,9 @@ class NvmeDriver:
             self.admin_q.release()
             self.admin_q = None
         self._by_vector.clear()
+        if self.shadow is not None:  # a controller reset ends the shadow buffers' life
+            self.shadow.release()
+            self.shadow = None
 
     def shutdown(self) -> None:
         """Orderly shutdown: delete I/O queues, CC.SHN normal, wait for SHST complete, disable."""
@@ -147,6 +152,57 @@ class NvmeDriver:
         dw0 = self.set_features(FID_NUMBER_OF_QUEUES, (nsq - 1) | (ncq - 1) << 16)
         return (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1
 
+    # --- optional admin commands ---------------------------------------------------------------
+    def enable_shadow_doorbells(self) -> None:
+        """Doorbell Buffer Config: I/O queues (present and future) ring MMIO only when needed.
+
+        The admin queue keeps ringing MMIO, as Linux does; the controller mirrors those writes
+        into the shadow buffer, so both stay consistent.
+        """
+        pages = ShadowDoorbellPages(self.mem, self.cap.dstrd)
+        try:
+            self.admin(cmd.doorbell_buffer_config(pages.shadow_addr, pages.eventidx_addr))
+        except Exception:
+            pages.release()
+            raise
+        if self.shadow is not None:
+            self.shadow.release()
+        self.shadow = pages
+        for q in self.io_queues.values():
+            q.qp.shadow = pages
+
+    def create_namespace(self, nsze: int, lba_index: int = 0, *, shared: bool = True) -> int:
+        """Namespace Management create (fully provisioned: NCAP = NSZE); returns the new NSID."""
+        idns = IdentifyNamespace(nsze=nsze, ncap=nsze, flbas=(lba_index & 0xF) | ((lba_index >> 4) & 0x3) << 5,
+                                 nmic=int(shared))
+        comp, _ = self.admin(cmd.ns_create(), data=idns.encode())
+        return comp.dw0
+
+    def delete_namespace(self, nsid: int) -> None:
+        self.admin(cmd.ns_delete(nsid))
+
+    def attach_namespace(self, nsid: int, cntlids: list[int]) -> None:
+        self.admin(cmd.ns_attach(nsid, attach=True), data=encode_ctrl_list(cntlids))
+
+    def detach_namespace(self, nsid: int, cntlids: list[int]) -> None:
+        self.admin(cmd.ns_attach(nsid, attach=False), data=encode_ctrl_list(cntlids))
+
+    def format_namespace(self, nsid: int, lba_index: int, *, ses: int = 0) -> None:
+        self.admin(cmd.format_nvm(nsid, lba_index, ses=ses))
+
+    def abort(self, sqid: int, cid: int) -> bool:
+        """Abort; True if the controller says the command was (or will be) aborted."""
+        comp, _ = self.admin(cmd.abort(sqid, cid))
+        return not comp.dw0 & 1
+
+    def keep_alive(self) -> None:
+        self.admin(cmd.keep_alive())
+
+    def submit_aer(self) -> int:
+        """Posts an Asynchronous Event Request; returns its CID (wait with `admin_q.wait`)."""
+        assert self.admin_q is not None, "controller not started"
+        return self.admin_q.submit(cmd.async_event_request())
+
     # --- I/O queues ----------------------------------------------------------------------------------
     def create_io_queue(self, qid: int, depth: int, *, vector: int | None = None) -> IoQueue:
         vector = qid % self.fn.msix.nvectors if vector is None else vector
@@ -161,6 +217,7 @@ class NvmeDriver:
         except Exception:
             qp.release()
             raise
+        qp.shadow = self.shadow
         q = IoQueue(self, qp)
         self.io_queues[qid] = q
         self._by_vector[vector].append(qp)

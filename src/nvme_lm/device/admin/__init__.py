@@ -1,14 +1,38 @@
 """Admin command handlers, one module per command family (as Linux's nvmet splits them).
 
 Each module exports `HANDLERS: dict[opcode, handler]`; this package merges them into the
-dispatch table the controller uses.
+dispatch table the controller uses. A new family is one import and one entry in FAMILIES.
 """
 
 from __future__ import annotations
 
-from nvme_lm.device.admin import features, identify, log_pages, queues
+from nvme_lm.device.admin import (
+    abort,
+    doorbell_buffer,
+    events,
+    features,
+    format,
+    identify,
+    log_pages,
+    namespaces,
+    queues,
+    virtualization,
+)
 from nvme_lm.device.request import Handler
 
+FAMILIES = (
+    abort,
+    doorbell_buffer,
+    events,
+    features,
+    format,
+    identify,
+    log_pages,
+    namespaces,
+    queues,
+    virtualization,
+)
+
 ADMIN_HANDLERS: dict[int, Handler] = {}
-for _module in (features, identify, log_pages, queues):
+for _module in FAMILIES:
     ADMIN_HANDLERS.update(_module.HANDLERS)

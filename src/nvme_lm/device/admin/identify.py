@@ -1,10 +1,11 @@
-"""Identify (admin 06h): CNS 00h-03h, 05h, 06h, 10h-13h."""
+"""Identify (admin 06h): CNS 00h-03h, 05h, 06h, 10h-13h; 14h-15h from admin/virtualization.py."""
 
 from __future__ import annotations
 
 import uuid
 
 from nvme_lm.device import identity
+from nvme_lm.device.admin import virtualization
 from nvme_lm.device.request import Handler, NvmeError, Request
 from nvme_lm.spec import status as st
 from nvme_lm.spec.identify import (
@@ -126,6 +127,8 @@ CNS_HANDLERS = {
     CNS.ALLOCATED_NS: cns_allocated_namespace,
     CNS.NS_CTRL_LIST: cns_ns_controller_list,
     CNS.CTRL_LIST: cns_controller_list,
+    CNS.PRIMARY_CTRL_CAPS: virtualization.cns_primary_capabilities,
+    CNS.SECONDARY_CTRL_LIST: virtualization.cns_secondary_list,
 }
 
 

@@ -43,6 +43,8 @@ def create_io_cq(req: Request) -> st.Status:
     except DmaFault as e:
         raise NvmeError(st.INVALID_FIELD, f"queue memory not mapped: {e}") from e
     ctrl.cqs[qid] = cq
+    if ctrl.shadow is not None:
+        ctrl.shadow.queue_created(qid, is_cq=True)  # before the host can ring it
     return st.SUCCESS
 
 
@@ -68,6 +70,8 @@ def create_io_sq(req: Request) -> st.Status:
         raise NvmeError(st.INVALID_FIELD, f"queue memory not mapped: {e}") from e
     cq.sqs.add(qid)
     ctrl.sqs[qid] = sq
+    if ctrl.shadow is not None:
+        ctrl.shadow.queue_created(qid, is_cq=False)
     return st.SUCCESS
 
 
