@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nvme_lm.spec.identify import (
+    CMIC,
     OACS,
     ONCS,
     IdentifyController,
@@ -34,6 +35,17 @@ DLFEAT_READ_ZEROES = 0x01
 DLFEAT_WZ_DEAC = 1 << 3
 
 
+def cmic(ctrl: Controller) -> int:
+    """CMIC: bit 1 when the subsystem has (or may have) more than one controller, as with SR-IOV
+    VFs; bit 2 on a controller behind an SR-IOV virtual function (docs/sriov.md)."""
+    value = 0
+    if ctrl.model.max_vfs > 0 or len(ctrl.subsystem.controllers) > 1:
+        value |= CMIC.MULTI_CTRL
+    if ctrl.fn.is_virtual:
+        value |= CMIC.SRIOV_VF
+    return int(value)
+
+
 def identify_controller(ctrl: Controller) -> IdentifyController:
     m = ctrl.model
     sub = ctrl.subsystem
@@ -52,7 +64,7 @@ def identify_controller(ctrl: Controller) -> IdentifyController:
     psd[0] = PowerStateDescriptor(mp=int(m.power_state_watts * 100), enlat=0, exlat=0)
     return IdentifyController(
         vid=m.vendor_id, ssvid=m.subsystem_vendor_id, sn=sub.serial, mn=m.model_number, fr=m.firmware_revision,
-        rab=6, ieee=m.ieee_oui, cmic=0, mdts=m.mdts, cntlid=ctrl.cntlid, ver=VS_2_1,
+        rab=6, ieee=m.ieee_oui, cmic=cmic(ctrl), mdts=m.mdts, cntlid=ctrl.cntlid, ver=VS_2_1,
         oaes=OAES_NS_ATTRIBUTE_NOTICES, cntrltype=1, oacs=int(oacs), acl=m.acl, aerl=m.aerl, frmw=0x03,
         lpa=LPA_CMD_EFFECTS | LPA_EXTENDED_DATA, elpe=m.error_log_entries - 1, npss=0, wctemp=343, cctemp=373,
         tnvmcap=sub.capacity_bytes, unvmcap=sub.unallocated_capacity_bytes,

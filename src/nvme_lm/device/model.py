@@ -26,8 +26,8 @@ class DeviceModel:
     capacity_bytes: int = 64 << 30
     mdts: int = 7  # 2^7 * 4 KiB = 512 KiB per command
     max_queue_entries: int = 1024  # CAP.MQES + 1
-    max_io_queues: int = 64
-    msix_vectors: int = 65
+    max_io_queues: int = 64  # the primary controller's private I/O queues (VQPRT - 1)
+    msix_vectors: int = 65  # the primary controller's private MSI-X vectors (VIPRT)
     max_namespaces: int = 256
     lba_data_sizes: tuple[int, ...] = (512, 4096)
     doorbell_stride: int = 0
@@ -41,7 +41,26 @@ class DeviceModel:
     read_latency_us: float = 0.0
     write_latency_us: float = 0.0
     bandwidth_mib_s: float = 0.0
+    # SR-IOV, NVMe Base §8.2.6 (docs/sriov.md). max_vfs = 0: a single controller, no Virtualization
+    # Management. Flexible VQ/VI pools are shared by the primary (after its next FLR) and the VFs.
+    max_vfs: int = 0  # secondary controllers, CNTLID 1..max_vfs, one per VF
+    vq_flexible: int = 0  # VQFRT: flexible queue resources (one VQ = one SQ/CQ pair)
+    vi_flexible: int = 0  # VIFRT: flexible interrupt resources (one VI = one MSI-X vector)
+    vq_max_per_vf: int = 0  # VQFRSM: most VQs one VF may hold (its admin queue included)
+    vi_max_per_vf: int = 0  # VIFRSM: most VIs one VF may hold (also the VF's MSI-X table capacity)
+    vq_granularity: int = 1  # VQGRAN: VQ assignments are multiples of this
+    vi_granularity: int = 1  # VIGRAN
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vq_private(self) -> int:
+        """VQPRT: the primary's private queue resources, its admin queue pair included."""
+        return self.max_io_queues + 1
+
+    @property
+    def vi_private(self) -> int:
+        """VIPRT: the primary's private interrupt resources (vector 0 among them)."""
+        return self.msix_vectors
 
     @classmethod
     def from_toml(cls, text: str) -> DeviceModel:

@@ -19,6 +19,7 @@ from nvme_lm.device.smart import SmartCounters
 
 if TYPE_CHECKING:
     from nvme_lm.device.controller import Controller
+    from nvme_lm.device.virtualization import SriovResources
 
 STATE_FILE = "subsystem.json"
 
@@ -32,6 +33,7 @@ class NvmSubsystem:
         self.namespaces: dict[int, Namespace] = {}
         self.attached: dict[int, set[int]] = {}  # nsid -> cntlids
         self.controllers: dict[int, Controller] = {}
+        self.sriov: SriovResources | None = None  # SR-IOV resource pools (device/virtualization.py), if any
         self.smart = SmartCounters()
         state = self._load_state()
         self.serial = serial or state.get("serial") or f"{self.model.serial_prefix}{os.urandom(6).hex().upper()}"
