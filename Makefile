@@ -23,6 +23,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/io.py
+	$(BIN)/python benchmarks/noisy_neighbor.py
+	$(BIN)/python benchmarks/lba_status.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

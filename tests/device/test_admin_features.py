@@ -186,7 +186,7 @@ def test_write_atomicity_and_async_event_configuration(driver):
     driver.set_features(WA, 0xFFFFFFFF)
     assert get(driver, WA) == 1
     driver.set_features(AEC, 0xFFFFFFFF)
-    assert get(driver, AEC) == 0x8000FFFF  # SMART bits, notices 8-15, discovery log change
+    assert get(driver, AEC) == 0x8040FFFF  # SMART bits, notices 8-15, 22 rate limit change, discovery log change
     assert get(driver, AEC, sel=1) == 0
 
 

@@ -17,7 +17,7 @@ def _log_status(driver, sqe, n):
 def test_supported_log_pages(driver):
     data = driver.get_log(0x00, 1024)
     lids = [i for i in range(256) if int.from_bytes(data[4 * i : 4 * i + 4], "little") & 1]
-    assert lids == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x12]
+    assert lids == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x12, 0x28]  # 28h: rate limiting (TP4176)
 
 
 def test_error_log_records_failed_commands(driver):

@@ -13,6 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nvme_lm.cli.bench_lba import lba_status_command
+from nvme_lm.cli.bench_noisy import noisy_command
+from nvme_lm.cli.device import device
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nvme-lm")
@@ -144,6 +148,14 @@ def run_io(*, as_json: bool, seconds: float, size_mib: int, data_dir: str | None
     with console.status("starting") as status:
         result = run_io_bench(seconds=seconds, size_mib=size_mib, data_dir=data_dir, progress=status.update)
     render(result, console)
+
+
+bench.add_command(lba_status_command)  # `nvme-lm bench lba-status` (cli/bench_lba.py, TP4165)
+bench.add_command(noisy_command)  # `nvme-lm bench noisy` (cli/bench_noisy.py, TP4176 rate limiting)
+
+
+# ------------------------------------------------------------------------------------------ device
+cli.add_command(device)  # `nvme-lm device show` (cli/device.py)
 
 
 def main() -> None:

@@ -29,7 +29,9 @@ from nvme_lm.spec.registers import CC, CSTS, DOORBELL_BASE, VS_2_1, Cap, Reg, Sh
 from nvme_lm.spec.status import Status
 
 if TYPE_CHECKING:
+    from nvme_lm.device.exported import ExportBinding
     from nvme_lm.device.namespace import Namespace
+    from nvme_lm.device.rate_limit import ControllerLimiter
     from nvme_lm.device.subsystem import NvmSubsystem
     from nvme_lm.pcie.function import PcieFunction
 
@@ -87,6 +89,11 @@ class Controller:
         self.shut_down = False
         self._shutdown_pending = Shn.NONE
         self.commands_completed = 0
+        self.rate_limiter: ControllerLimiter | None = None  # TP4176 (device/rate_limit.py): checked at fetch
+        # TP4193 (device/exported.py): while associated with an exported NVM subsystem, the binding that
+        # answers Identify / logs from its template, and the ENSID -> underlying NSID map namespace() uses
+        self.export: ExportBinding | None = None
+        self.nsid_map: dict[int, int] | None = None
 
         self._lock = threading.RLock()
         self._work = threading.Event()
@@ -294,6 +301,8 @@ class Controller:
                         self._shutdown()
                     did = self._service()
                     wait = self.irq.flush()
+                    if self.rate_limiter is not None:
+                        wait = self.rate_limiter.engine_wait(wait)  # sleep until tokens refill, no spinning
                     self._check_keep_alive()
             except Exception:  # the engine must never die: record and go on
                 log.exception("controller %d engine error", self.cntlid)
@@ -323,7 +332,8 @@ class Controller:
                 for _ in range(n):
                     if self.sqs.get(sq.qid) is not sq or not self.ready or self.csts & CSTS.CFS:
                         break  # deleted by a command in this burst, or the controller stopped
-                    self._fetch_and_execute(sq)
+                    if not self._fetch_and_execute(sq):
+                        break  # over its rate limit: this SQ waits for tokens, the others go on
                     ran += 1
             if not ran:
                 break
@@ -337,13 +347,16 @@ class Controller:
         log.warning("controller %d fatal: %s", self.cntlid, why)
         self.csts |= CSTS.CFS
 
-    def _fetch_and_execute(self, sq: SubmissionQueue) -> None:
+    def _fetch_and_execute(self, sq: SubmissionQueue) -> bool:
+        """Returns False only when the rate limiter left the command in the SQ (not fetched yet)."""
         try:
             view, off = sq.ring.slot(sq.head)
             sqe = SQE(*unpack_sqe_from(view, off))
         except DmaFault as e:
             self._fatal(f"cannot fetch from SQ {sq.qid}: {e}")
-            return
+            return True
+        if sq.qid and self.rate_limiter is not None and not self.rate_limiter.admit(sqe):
+            return False
         sq.head = (sq.head + 1) % sq.size
         req = Request(self, sq, sqe)
         table = self.admin_handlers if sq.qid == 0 else self.io_handlers
@@ -370,8 +383,9 @@ class Controller:
             status = st.INTERNAL_ERROR
         if status is DEFERRED:
             sq.inflight += 1
-            return
+            return True
         self.complete(req, status, pel)
+        return True
 
     def complete(self, req: Request, status: Status, pel: int = 0xFFFF) -> None:
         """Posts the CQE of `req` (or queues it while the CQ is full) and schedules its interrupt."""
@@ -449,7 +463,10 @@ class Controller:
 
     # ================================================================ lookups for handlers
     def namespace(self, nsid: int) -> Namespace | None:
-        """The namespace `nsid` if it exists and is attached to this controller."""
+        """The namespace `nsid` if it exists and is attached to this controller (for a controller of an
+        exported subsystem `nsid` is an ENSID: underlying NSIDs are not visible)."""
+        if self.nsid_map is not None:
+            nsid = self.nsid_map.get(nsid, 0)
         ns = self.subsystem.namespaces.get(nsid)
         if ns is None or not self.subsystem.is_attached(nsid, self.cntlid):
             return None

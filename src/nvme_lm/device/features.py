@@ -35,6 +35,7 @@ _SMART_INFO_BITS = {
 }
 # notices 00h-07h -> bits 8-15 (NAN, FAN, TLN, ANACN, PLEALCN, LSIAN, EGEALCN, NNSSHDN); F0h -> 31 (DLPCN)
 _NOTICE_INFO_BITS = {info: 1 << (8 + info) for info in range(8)}
+_NOTICE_INFO_BITS[0x0A] = 1 << 22  # RLCCN: rate limiting configuration change (TP4176)
 _NOTICE_INFO_BITS[0xF0] = 1 << 31
 
 

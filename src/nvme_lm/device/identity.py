@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from nvme_lm.device import rate_limit
 from nvme_lm.spec.identify import (
     CMIC,
     OACS,
@@ -33,6 +34,7 @@ VWC_PRESENT_FLUSH_ALL = 0x07  # present, and Flush with NSID FFFFFFFFh is suppor
 NSFEAT_THINP = 1 << 0
 DLFEAT_READ_ZEROES = 0x01
 DLFEAT_WZ_DEAC = 1 << 3
+AOCS_RALBAS = 1 << 0  # NVM Identify Controller AOCS: Get LBA Status ATYPE 02h supported (TP4165)
 
 
 def cmic(ctrl: Controller) -> int:
@@ -47,6 +49,8 @@ def cmic(ctrl: Controller) -> int:
 
 
 def identify_controller(ctrl: Controller) -> IdentifyController:
+    if ctrl.export is not None:  # bound to an exported NVM subsystem: its template answers (device/exported.py)
+        return ctrl.export.identify_controller(ctrl)
     m = ctrl.model
     sub = ctrl.subsystem
     oacs = 0
@@ -65,7 +69,8 @@ def identify_controller(ctrl: Controller) -> IdentifyController:
     return IdentifyController(
         vid=m.vendor_id, ssvid=m.subsystem_vendor_id, sn=sub.serial, mn=m.model_number, fr=m.firmware_revision,
         rab=6, ieee=m.ieee_oui, cmic=cmic(ctrl), mdts=m.mdts, cntlid=ctrl.cntlid, ver=VS_2_1,
-        oaes=OAES_NS_ATTRIBUTE_NOTICES, cntrltype=1, oacs=int(oacs), acl=m.acl, aerl=m.aerl, frmw=0x03,
+        oaes=OAES_NS_ATTRIBUTE_NOTICES | rate_limit.oaes_bits(ctrl), cntrltype=1, oacs=int(oacs), acl=m.acl,
+        aerl=m.aerl, frmw=0x03,
         lpa=LPA_CMD_EFFECTS | LPA_EXTENDED_DATA, elpe=m.error_log_entries - 1, npss=0, wctemp=343, cctemp=373,
         tnvmcap=sub.capacity_bytes, unvmcap=sub.unallocated_capacity_bytes,
         kas=max(1, m.keep_alive_granularity_ms // 100),
@@ -82,6 +87,8 @@ def lba_formats(ctrl: Controller) -> list[LbaFormat]:
 
 def identify_namespace(ctrl: Controller, ns: Namespace | None) -> IdentifyNamespace:
     """Identify Namespace for `ns`, or the capabilities common to all namespaces when None."""
+    if ctrl.export is not None:
+        return ctrl.export.identify_namespace(ns)
     fmts = lba_formats(ctrl)
     nlbaf = len(ctrl.model.lba_data_sizes) - 1
     if ns is None:
@@ -96,8 +103,14 @@ def identify_namespace(ctrl: Controller, ns: Namespace | None) -> IdentifyNamesp
 
 
 def nvm_identify_namespace(ctrl: Controller, ns: Namespace) -> NvmIdentifyNamespace:
-    return NvmIdentifyNamespace()
+    if ctrl.export is not None:
+        return ctrl.export.nvm_identify_namespace()
+    # TLBAAG (TP4165) where Get LBA Status runs, else 0 = not reported (docs/allocation-tracking.md)
+    return NvmIdentifyNamespace(tlbaag=ns.alloc.tlbaag if AdminOpcode.GET_LBA_STATUS in ctrl.admin_handlers else 0)
 
 
 def nvm_identify_controller(ctrl: Controller) -> NvmIdentifyController:
-    return NvmIdentifyController(ver=0x00010100)
+    if ctrl.export is not None:
+        return ctrl.export.nvm_identify_controller()
+    aocs = AOCS_RALBAS if AdminOpcode.GET_LBA_STATUS in ctrl.admin_handlers else 0  # TP4165
+    return NvmIdentifyController(ver=0x00010100, aocs=aocs, **rate_limit.identify_fields(ctrl))  # RLA/SLMC (TP4176)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nvme_lm.device.allocation import SIDECAR_SUFFIX, AllocationMap
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -63,6 +65,7 @@ class Namespace:
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
         self.dirty = False  # data in the volatile write cache (page cache) since the last flush
+        self.alloc = AllocationMap.for_namespace(self)  # TP4165 allocation map (device/allocation.py)
 
     # --- identity -------------------------------------------------------------------------------
     @property
@@ -107,19 +110,23 @@ class Namespace:
         self.info.lba_size = lba_size
         self.info.nsze = nbytes // lba_size
         self.lba_shift = lba_size.bit_length() - 1
+        self.alloc = AllocationMap.for_namespace(self, scan=False)  # emptied before the file: allocation.py
         os.ftruncate(self.fd, 0)  # drops every extent: the whole namespace reads as zeroes
         os.ftruncate(self.fd, self.info.nsze << self.lba_shift)
         os.fsync(self.fd)
+        self.alloc.zeroed_dirty = True
+        self.alloc.persist()  # removes the Write Zeroes sidecar
         self.dirty = False
         self.save_info()
 
     def destroy(self) -> None:
         self.close()
-        for p in (self.path, self.path.with_suffix(".json")):
+        for p in (self.path, self.path.with_suffix(".json"), self.path.with_suffix(SIDECAR_SUFFIX)):
             p.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.alloc.persist()
             os.close(self.fd)
             self.fd = -1
 
@@ -139,26 +146,43 @@ class Namespace:
 
     def write_from(self, slba: int, views: list[memoryview]) -> None:
         off = slba << self.lba_shift
-        for i in range(0, len(views), IOV_MAX):
-            chunk = views[i : i + IOV_MAX]
-            want = sum(len(v) for v in chunk)
-            n = os.pwritev(self.fd, chunk, off)
-            if n != want:
-                raise OSError(errno.EIO, f"short write of {n}/{want} bytes at {off}")
-            off += n
+        try:
+            for i in range(0, len(views), IOV_MAX):
+                chunk = views[i : i + IOV_MAX]
+                want = sum(len(v) for v in chunk)
+                n = os.pwritev(self.fd, chunk, off)
+                if n != want:
+                    raise OSError(errno.EIO, f"short write of {n}/{want} bytes at {off}")
+                off += n
+        except BaseException:
+            self.alloc.mark(slba, sum(len(v) for v in views) >> self.lba_shift)  # part of it may be written
+            raise
         self.dirty = True
+        self.alloc.mark(slba, (off >> self.lba_shift) - slba)  # after the data (allocation.py: ordering)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         """Punches a hole: the blocks read back as zeroes and stop counting as allocated."""
-        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, slba << self.lba_shift, nlb << self.lba_shift)
+        self.alloc.unmark(slba, nlb)  # before the punch (allocation.py: ordering)
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, slba << self.lba_shift,
+                      nlb << self.lba_shift)
+        except BaseException:
+            self.alloc.mark_zeroed(slba, nlb)  # the punch may have done nothing: never under-report
+            raise
         self.dirty = True
 
     def write_zeroes(self, slba: int, nlb: int) -> None:
         """Zeroes that stay allocated (Write Zeroes without DEAC)."""
-        fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, slba << self.lba_shift, nlb << self.lba_shift)
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, slba << self.lba_shift,
+                      nlb << self.lba_shift)
+        finally:
+            self.alloc.mark_zeroed(slba, nlb)  # ext4 shows these as holes: the map (and sidecar) keeps them
         self.dirty = True
 
     def flush(self) -> None:
+        if self.alloc.zeroed_dirty:
+            self.alloc.persist()  # before the data, so a crash can only over-report
         os.fdatasync(self.fd)
         self.dirty = False
 

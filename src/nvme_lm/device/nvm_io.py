@@ -7,9 +7,9 @@ Every refusal is decided before the first byte moves, so a failed command change
 The volatile write cache is the host page cache: Flush (and FUA, and every write while the
 host has disabled the cache with feature 06h) is `fdatasync` of the namespace file.
 
-Speed characteristics of the device model (issue 3) hook in at `finish()`: every command that
-reaches the media ends there with the bytes it moved, so a latency/bandwidth model can delay
-the completion (return `DEFERRED`, complete later with `ctrl.complete_deferred`) in one place.
+Speed characteristics of the device model hook in at `finish()`: every command that reaches the
+media ends there with the bytes it moved, and the subsystem's pacer (media.py) delays its
+completion by the model's latency and bandwidth (DEFERRED, completed by the pacer's timer).
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def commit(req: Request, ns: Namespace, fua: bool) -> None:
 
 
 def finish(req: Request, nbytes: int, write: bool) -> st.Status:
-    """Where every media command completes. Issue 3 hook: pace the completion by the device model's
-    read/write latency and bandwidth here (return DEFERRED and complete later); today: at once."""
-    return st.SUCCESS
+    """Where every media command completes: at once, or paced by the model's latency and bandwidth
+    (DEFERRED; the subsystem's pacer in media.py completes it when due)."""
+    media = req.ctrl.subsystem.media
+    if media is None:
+        return st.SUCCESS  # zero-speed model: the fast path
+    return media.schedule(req, nbytes, write)
 
 
 # ----------------------------------------------------------------------------- data transfer

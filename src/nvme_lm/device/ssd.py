@@ -13,8 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from nvme_lm.device import feature_defaults as F
+from nvme_lm.device import rate_limit
 from nvme_lm.device.admin import ADMIN_HANDLERS
+from nvme_lm.device.admin import exported as admin_exported
 from nvme_lm.device.controller import Controller
+from nvme_lm.device.exported import ExportedSubsystems
 from nvme_lm.device.features import FeatureSpec
 from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.request import Handler
@@ -26,6 +29,7 @@ from nvme_lm.spec.registers import CC, CSTS, Reg, Shn
 from nvme_lm.spec.virtualization import ResourceType
 
 SRIOV_STATE_FILE = "sriov.json"
+EXPORTED_STATE_FILE = "exported.json"
 
 
 def _set_queue_limits(ctrl: Controller, io_queues: int, vectors: int) -> None:
@@ -98,8 +102,10 @@ class EmulatedSsd:
             self.subsystem.sriov = self.sriov
         self.pf = PcieFunction(ids, msix_vectors=m.msix_vectors, name="pf0")
         self.primary = PrimaryController(self.subsystem, 0, self.pf, admin_handlers=self.primary_admin_handlers(m))
+        rate_limit.install(self.primary)  # TP4176: the PF manages every controller's limits (FID 28h)
         self.secondaries: list[SecondaryController] = []
         self.vfs: list[PcieFunction] = []
+        self.exported: ExportedSubsystems | None = None
         if self.sriov is not None:
             vf_handlers = self.secondary_admin_handlers()
             for state in self.sriov.secondaries.values():
@@ -112,6 +118,10 @@ class EmulatedSsd:
             self.sriov.on_secondary_change = self._secondary_changed
             self.sriov.on_primary_change = self._primary_changed
             self._primary_changed(self.sriov.pools[ResourceType.VQ].primary, self.sriov.pools[ResourceType.VI].primary)
+            # TP4193 exported NVM subsystems over the VFs (docs/exported-subsystems.md); saved ones are rebound
+            self.exported = ExportedSubsystems(self.subsystem, admin_exported.capabilities_for(m, vf_handlers),
+                                               state_file=self.subsystem.data_dir / EXPORTED_STATE_FILE)
+            self.subsystem.exported = self.exported
 
     # --- dispatch tables: privilege is which commands a controller has at all ---------------------
     @staticmethod
@@ -119,6 +129,8 @@ class EmulatedSsd:
         table = dict(ADMIN_HANDLERS)
         if model.max_vfs == 0:
             table.pop(AdminOpcode.VIRTUALIZATION_MANAGEMENT, None)  # no Virtualization Enhancements
+            for op in admin_exported.OPCODES:  # no VFs to export
+                table.pop(op, None)
         return table
 
     @staticmethod

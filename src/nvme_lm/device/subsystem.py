@@ -13,12 +13,15 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nvme_lm.device.media import MediaPacer
 from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.namespace import Namespace, NamespaceInfo
 from nvme_lm.device.smart import SmartCounters
 
 if TYPE_CHECKING:
     from nvme_lm.device.controller import Controller
+    from nvme_lm.device.exported import ExportedSubsystems
+    from nvme_lm.device.rate_limit import RateLimits
     from nvme_lm.device.virtualization import SriovResources
 
 STATE_FILE = "subsystem.json"
@@ -34,7 +37,10 @@ class NvmSubsystem:
         self.attached: dict[int, set[int]] = {}  # nsid -> cntlids
         self.controllers: dict[int, Controller] = {}
         self.sriov: SriovResources | None = None  # SR-IOV resource pools (device/virtualization.py), if any
+        self.exported: ExportedSubsystems | None = None  # TP4193 exported subsystems (device/exported.py), if any
+        self.rate_limits: RateLimits | None = None  # TP4176 limits (device/rate_limit.py), installed with the PF
         self.smart = SmartCounters()
+        self.media = MediaPacer.for_model(self.model)  # the model's latency/bandwidth; None = no delay
         state = self._load_state()
         self.serial = serial or state.get("serial") or f"{self.model.serial_prefix}{os.urandom(6).hex().upper()}"
         self.nqn = state.get("nqn") or f"nqn.2024-01.io.nvme-lm:subsys.{self.serial.lower()}"
@@ -131,6 +137,8 @@ class NvmSubsystem:
 
     def close(self) -> None:
         """Orderly power-off: stop the controllers, flush the caches, close the files."""
+        if self.media is not None:
+            self.media.stop()
         for ctrl in list(self.controllers.values()):
             ctrl.stop()
         self.flush_all()

@@ -245,6 +245,7 @@ class AsyncEventConfig(DwordFeature):
     lba_status: bool = False  # 13 LBA status information
     endurance_group: bool = False  # 14 endurance group event aggregate log change
     normal_nss_shutdown: bool = False  # 15
+    rate_limit_change: bool = False  # 22 RLCCN: rate limiting configuration change (TP4176, Base 2.4 draft)
     discovery_log_change: bool = False  # 31 (fabrics discovery controllers)
     FIELDS: ClassVar = (
         ("smart", 0, 7),
@@ -256,6 +257,7 @@ class AsyncEventConfig(DwordFeature):
         ("lba_status", 13, 13),
         ("endurance_group", 14, 14),
         ("normal_nss_shutdown", 15, 15),
+        ("rate_limit_change", 22, 22),
         ("discovery_log_change", 31, 31),
     )
 

@@ -117,6 +117,12 @@ IO_CMD_SET_NOT_SUPPORTED = _c(0x29)
 IO_CMD_SET_NOT_ENABLED = _c(0x2A)
 IO_CMD_SET_COMBINATION_REJECTED = _c(0x2B)
 INVALID_IO_CMD_SET = _c(0x2C)
+# Exported NVM subsystems (Base 2.4, TP4193; spec notes §17.2)
+INVALID_HOST = _c(0x35)
+INVALID_NVM_SUBSYSTEM = _c(0x36)
+CONTROLLER_ACTIVE = _c(0x42)
+INVALID_EXPORTED_ASSOCIATION = _c(0x43)
+INVALID_EXPORTED_CONFIGURATION_STATE = _c(0x44)
 # NVM command set specific (SCT 1, I/O commands)
 CONFLICTING_ATTRIBUTES = _c(0x80)
 INVALID_PROTECTION_INFORMATION = _c(0x81)
@@ -152,6 +158,8 @@ _SPECIFIC_NAMES = {
     0x21: "Invalid Number of Controller Resources", 0x22: "Invalid Resource Identifier",
     0x25: "ANA Attach Failed", 0x29: "I/O Command Set Not Supported", 0x2A: "I/O Command Set Not Enabled",
     0x2B: "I/O Command Set Combination Rejected", 0x2C: "Invalid I/O Command Set",
+    0x35: "Invalid Host", 0x36: "Invalid NVM Subsystem", 0x42: "Controller Active",
+    0x43: "Invalid Exported Association", 0x44: "Invalid Exported Configuration State",
     0x80: "Conflicting Attributes", 0x81: "Invalid Protection Information",
     0x82: "Attempted Write to Read Only Range",
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nvme_lm.device import feature_defaults as F
+from nvme_lm.device.admin import rate_limit
 from nvme_lm.device.events import AsyncEvent, AsyncEventType
 from nvme_lm.device.features import FeatureSpec
 from nvme_lm.device.request import Handler, NvmeError, Request
@@ -180,6 +181,7 @@ SET_HANDLERS: dict[int, SetHandler] = {
     F.ASYNC_EVENT_CONFIG: _set_masked(AsyncEventConfig.MASK),
     F.TIMESTAMP: _set_timestamp,
     F.KEEP_ALIVE_TIMER: _set_keep_alive,
+    rate_limit.FID: rate_limit.set_feature,  # only on controllers whose feature table has FID 28h (the PF)
 }
 
 
@@ -245,6 +247,8 @@ def get_features(req: Request) -> st.Status:
         req.write_to_host(ts.to_bytes())
     elif fid in (F.TEMPERATURE_THRESHOLD, F.INTERRUPT_VECTOR_CONFIG):
         req.dw0 = _get_indexed(req, spec, sel)
+    elif fid == rate_limit.FID:
+        rate_limit.get_feature(req, sel)
     elif sel == 0:
         req.dw0 = ctrl.features.get(fid)
     elif sel == 1:

@@ -1,11 +1,12 @@
-"""Identify (admin 06h): CNS 00h-03h, 05h, 06h, 10h-13h; 14h-15h from admin/virtualization.py."""
+"""Identify (admin 06h): CNS 00h-03h, 05h, 06h, 10h-13h; 14h-15h from admin/virtualization.py; 21h-22h from
+admin/exported.py. A controller of an exported subsystem answers only its template's CNS values (`ctrl.export`)."""
 
 from __future__ import annotations
 
 import uuid
 
 from nvme_lm.device import identity
-from nvme_lm.device.admin import virtualization
+from nvme_lm.device.admin import exported, virtualization
 from nvme_lm.device.request import Handler, NvmeError, Request
 from nvme_lm.spec import status as st
 from nvme_lm.spec.identify import (
@@ -129,12 +130,14 @@ CNS_HANDLERS = {
     CNS.CTRL_LIST: cns_controller_list,
     CNS.PRIMARY_CTRL_CAPS: virtualization.cns_primary_capabilities,
     CNS.SECONDARY_CTRL_LIST: virtualization.cns_secondary_list,
+    CNS.UNDERLYING_CTRL_LIST: exported.cns_underlying_controllers,
+    CNS.EXPORTED_TEMPLATE_UUID_LIST: exported.cns_template_list,
 }
 
 
 def identify(req: Request) -> st.Status:
     cns = req.sqe.cdw10 & 0xFF
-    build = CNS_HANDLERS.get(cns)
+    build = (CNS_HANDLERS if req.ctrl.export is None else req.ctrl.export.cns_handlers).get(cns)
     if build is None:
         raise NvmeError(st.INVALID_FIELD, f"CNS {cns:#04x} not supported", PEL_CNS)
     req.write_to_host(build(req), IDENTIFY_SIZE)

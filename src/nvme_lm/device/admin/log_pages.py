@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nvme_lm.device.admin import rate_limit
 from nvme_lm.device.request import Handler, NvmeError, Request
 from nvme_lm.spec import status as st
 from nvme_lm.spec.logs import CmdEffect as E
@@ -118,6 +119,7 @@ LOG_BUILDERS: dict[int, Callable[[Request], bytes]] = {
     LogId.CHANGED_NS: changed_ns_log,
     LogId.CMD_EFFECTS: command_effects_log,
     LogId.FID_SUPPORTED_EFFECTS: fid_effects_log,
+    LogId.RATE_LIMITING: rate_limit.log_page,  # TP4176: all controllers on the PF, itself on a VF
 }
 
 
@@ -127,7 +129,7 @@ def get_log_page(req: Request) -> st.Status:
     rae = bool(sqe.cdw10 & (1 << 15))
     numd = ((sqe.cdw10 >> 16) | (sqe.cdw11 & 0xFFFF) << 16) + 1
     offset = sqe.cdw12 | sqe.cdw13 << 32
-    build = LOG_BUILDERS.get(lid)
+    build = (LOG_BUILDERS if req.ctrl.export is None else req.ctrl.export.log_builders).get(lid)
     if build is None:
         raise NvmeError(st.INVALID_LOG_PAGE, f"log page {lid:#04x} not supported", PEL_CDW10)
     if offset & 0x3:

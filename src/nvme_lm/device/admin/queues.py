@@ -81,7 +81,12 @@ def delete_io_sq(req: Request) -> st.Status:
     sq = ctrl.sqs.get(qid)
     if qid == 0 or sq is None:
         raise NvmeError(st.INVALID_QID, f"SQ {qid} does not exist", PEL_CDW10)
-    # Commands fetched from it complete synchronously; deferred ones are aborted by deletion.
+    # Commands still in flight (deferred by the media model) are aborted into the SQ's CQ before
+    # the SQ goes and before this command's own completion.
+    media = ctrl.subsystem.media
+    if media is not None:
+        for aborted in media.abort_queue(sq):
+            ctrl.complete_deferred(aborted, st.ABORTED_SQ_DELETION)
     del ctrl.sqs[qid]
     sq.cq.sqs.discard(qid)
     return st.SUCCESS
