@@ -61,7 +61,7 @@ class Host:
         deadline = time.monotonic() + 5
         while media.deferred < count:
             assert time.monotonic() < deadline, "the engine never fetched the commands"
-            time.sleep(0.001)
+            time.sleep(0.0002)
 
     def close(self) -> None:
         self.ssd.power_off()
@@ -168,13 +168,15 @@ def test_qd1_read_latency_follows_the_model(host_factory):
     b = host_factory(DeviceModel.builtin("vendor-b"), "b")
     la: list[float] = []
     lb: list[float] = []
-    for _ in range(15):  # interleaved, so a load spike on the machine hits both models alike
+    for _ in range(20):  # interleaved, so a load spike on the machine hits both models alike
         la += a.read_latencies_us(16)
         lb += b.read_latencies_us(16)
     model_a, model_b = a.ssd.model.read_latency_us, b.ssd.model.read_latency_us
     assert min(la) >= model_a  # a command is never faster than the media
     assert min(lb) >= model_b
-    gap = float(np.median(lb) - np.median(la))
+    # Scheduling noise only ever adds time, so the low percentiles show the path's floor: emulator
+    # overhead plus the media latency. They must differ by (most of) the models' difference.
+    gap = float(np.percentile(lb, 10) - np.percentile(la, 10))
     assert gap >= 0.5 * (model_b - model_a), f"vendor-b only {gap:.0f} µs slower than vendor-a"
 
 
@@ -275,3 +277,29 @@ def test_writes_and_flush_are_paced_too(host_factory):
     assert h.q.run(cmd.flush(h.nsid))[0].ok
     assert time.perf_counter() - t >= 0.040
     assert h.q.read(h.nsid, 0, 8, LBA) == bytes(4096)  # reads are not delayed by a write latency
+
+
+def test_sq_deletion_racing_the_timer_completes_each_command_once(host_factory):
+    """Deleting an SQ while its commands come due: each one gets exactly one CQE, success (the timer
+    was first) or aborted (the deletion was first), never both and never none."""
+    h = host_factory(DeviceModel(read_latency_us=3_000.0), depth=64)
+    d = h.driver
+    outcomes: list[int] = []
+    for round_ in range(8):
+        done: list[Completion] = []
+        before = h.ssd.subsystem.media.deferred
+        h.submit_reads(40, done)
+        h.wait_deferred(before + 40)
+        time.sleep(round_ * 0.0004)  # from long before to around the moment they come due
+        d.admin(cmd.delete_io_sq(1))
+        h.q.qp.reap()
+        assert sorted(c.cid for c in done) == list(range(40))
+        assert {c.st for c in done} <= {st.SUCCESS, st.ABORTED_SQ_DELETION}
+        assert h.ssd.subsystem.media.outstanding() == 0
+        outcomes.append(sum(c.ok for c in done))
+        d.admin(cmd.delete_io_cq(1))
+        old = d.io_queues.pop(1).qp
+        d._by_vector[old.vector].remove(old)
+        old.release()
+        h.q = d.create_io_queue(1, 64)
+    assert min(outcomes) < 40  # some deletion found commands still waiting for the media

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 NSID_ALL = 0xFFFFFFFF
 FSUPP = 1 << 0  # FID Supported and Effects: the feature is supported
 FID_RATE_LIMITING = 0x28
+FID_CDQ = 0x21  # CDQ head pointer (TP4159): needs a CDQID, not a controller-wide value
 FID_TIMESTAMP = 0x0E  # its value is an 8-byte data buffer, not DW0
 
 
@@ -122,7 +123,7 @@ def _features(pf: NvmeDriver) -> list[dict[str, Any]]:
     log = FidSupportedEffectsLog.decode(pf.get_log(LogId.FID_SUPPORTED_EFFECTS, FidSupportedEffectsLog.SIZE))
     out = []
     for fid, effects in enumerate(log.fids):
-        if not effects & FSUPP or fid == FID_RATE_LIMITING:  # 28h is per target: see the rate limits
+        if not effects & FSUPP or fid in (FID_RATE_LIMITING, FID_CDQ):  # 28h per target, 21h per CDQ
             continue
         name = FeatureId(fid).name if fid in FeatureId._value2member_map_ else f"FID {fid:#04x}"
         entry: dict[str, Any] = {"fid": fid, "name": name}

@@ -7,7 +7,8 @@ them share the media's bandwidth. So a command that moves `nbytes` completes at
 
 where the second term is a "media busy until" clock advanced by `nbytes / bandwidth` per command.
 Under load throughput converges to the bandwidth; at queue depth 1 every command sees its latency.
-Idle time gives no credit (a busy clock behind `now` restarts at `now`), so no burst beats the model.
+Idle time gives no credit (a busy clock behind `now` restarts at `now`), so no burst beats the model;
+the same holds when the emulator itself is descheduled for longer than the queue keeps the media busy.
 
 One pacer per subsystem, because the media is shared by every controller (PF and VFs), and one
 timer thread posts completions as they come due: no thread per command, no sleeping in a
@@ -156,7 +157,8 @@ class MediaPacer:
     def _deliver(self, batch: list[_Pending]) -> None:
         """Completes a batch, one engine-lock hold per controller, and signals its interrupts here:
         what `complete_deferred` does, without waking the engine for them (a thread hop, tens of
-        µs, on every paced command). The engine is woken only if coalescing holds a vector back."""
+        µs, on every paced command). The engine is woken only when it has something to do: a vector
+        held back by coalescing, CQEs waiting for CQ slots, or shadow doorbells to re-read."""
         by_ctrl: dict[Controller, list[_Pending]] = {}
         for p in batch:
             by_ctrl.setdefault(p.req.ctrl, []).append(p)
@@ -167,8 +169,8 @@ class MediaPacer:
                     if self._claim(p):
                         p.req.sq.inflight -= 1
                         ctrl.complete(p.req, st.SUCCESS)
-                if ctrl.irq.flush() is not None:
-                    ctrl.kick()  # the engine owns coalescing deadlines
+                if ctrl.irq.flush() is not None or ctrl.overflow or ctrl.shadow is not None:
+                    ctrl.kick()
 
     def _claim(self, p: _Pending) -> bool:
         with self._cv:
