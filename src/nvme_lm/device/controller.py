@@ -89,6 +89,7 @@ class Controller:
         self.shut_down = False
         self._shutdown_pending = Shn.NONE
         self.commands_completed = 0
+        self.suspended = False  # TP4159 Migration Send Suspend (device/migration_state.py)
         self.rate_limiter: ControllerLimiter | None = None  # TP4176 (device/rate_limit.py): checked at fetch
         # TP4193 (device/exported.py): while associated with an exported NVM subsystem, the binding that
         # answers Identify / logs from its template, and the ENSID -> underlying NSID map namespace() uses
@@ -220,6 +221,7 @@ class Controller:
             self.features.reset()
             self.features.apply_interrupts(self.irq)  # saved coalescing settings survive a reset
             self.shadow = None
+            self.suspended = False  # a Controller Level Reset clears suspension (spec notes §1)
             self.nsqa = self.ncqa = 0
             self.queues_requested = False
             self.keep_alive_deadline = None
@@ -318,6 +320,8 @@ class Controller:
         if not self.ready or self.csts & CSTS.CFS:
             return False
         self._drain_overflow()
+        if self.suspended:
+            return False  # TP4159 Suspend: doorbells still move tails, nothing is fetched (migration_state.py)
         if self.shadow is not None:
             self.shadow.refresh(self)
         ab = self.features.get(FID_ARBITRATION) & 0x7
@@ -458,7 +462,7 @@ class Controller:
             if ev is None:
                 return
             req = self.aers.popleft()
-            req.dw0 = ev.dw0
+            req.dw0, req.dw1 = ev.dw0, ev.dw1
             self.complete_deferred(req, st.SUCCESS)
 
     # ================================================================ lookups for handlers

@@ -39,6 +39,7 @@ class AsyncEvent:
     type: int
     info: int
     log_page: int
+    dw1: int = 0  # CQE DW1 of the AER completion (one-shot CDQ events carry the CDQID, TP4159)
 
     @property
     def dw0(self) -> int:
@@ -58,6 +59,9 @@ class EventQueue:
 
     def next_reportable(self) -> AsyncEvent | None:
         for ev in self.pending:
+            if ev.type == AsyncEventType.ONE_SHOT:  # no associated log page: never masked
+                self.pending.remove(ev)
+                return ev
             if ev.log_page not in self.masked_logs:
                 self.pending.remove(ev)
                 self.masked_logs.add(ev.log_page)

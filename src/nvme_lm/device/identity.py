@@ -13,6 +13,7 @@ from nvme_lm.spec.identify import (
     CMIC,
     OACS,
     ONCS,
+    TRATTR,
     IdentifyController,
     IdentifyNamespace,
     LbaFormat,
@@ -57,7 +58,8 @@ def identify_controller(ctrl: Controller) -> IdentifyController:
     for opcode, bit in ((AdminOpcode.FORMAT_NVM, OACS.FORMAT), (AdminOpcode.NS_MANAGEMENT, OACS.NS_MGMT),
                         (AdminOpcode.DOORBELL_BUFFER_CONFIG, OACS.DBBUF),
                         (AdminOpcode.VIRTUALIZATION_MANAGEMENT, OACS.VMS),
-                        (AdminOpcode.GET_LBA_STATUS, OACS.GET_LBA_STATUS)):
+                        (AdminOpcode.GET_LBA_STATUS, OACS.GET_LBA_STATUS),
+                        (AdminOpcode.MIGRATION_SEND, OACS.HMLMS)):  # TP4159: the MMC only (D9)
         if opcode in ctrl.admin_handlers:
             oacs |= bit
     oncs = ONCS.SAVE_SELECT | ONCS.TIMESTAMP
@@ -66,7 +68,7 @@ def identify_controller(ctrl: Controller) -> IdentifyController:
             oncs |= bit
     psd = [PowerStateDescriptor() for _ in range(32)]
     psd[0] = PowerStateDescriptor(mp=int(m.power_state_watts * 100), enlat=0, exlat=0)
-    return IdentifyController(
+    return IdentifyController(**cdq_limits(ctrl),
         vid=m.vendor_id, ssvid=m.subsystem_vendor_id, sn=sub.serial, mn=m.model_number, fr=m.firmware_revision,
         rab=6, ieee=m.ieee_oui, cmic=cmic(ctrl), mdts=m.mdts, cntlid=ctrl.cntlid, ver=VS_2_1,
         oaes=OAES_NS_ATTRIBUTE_NOTICES | rate_limit.oaes_bits(ctrl), cntrltype=1, oacs=int(oacs), acl=m.acl,
@@ -76,6 +78,21 @@ def identify_controller(ctrl: Controller) -> IdentifyController:
         kas=max(1, m.keep_alive_granularity_ms // 100),
         sqes=0x66, cqes=0x44, nn=m.max_namespaces, oncs=int(oncs), vwc=VWC_PRESENT_FLUSH_ALL, subnqn=sub.nqn, psd=psd,
     )
+
+
+def cdq_limits(ctrl: Controller) -> dict[str, int]:
+    """TP4159 tracking limits and TRATTR where the tracking commands run (the PF), else zeroes
+    (docs/tracking.md; granularities are log2 of bytes)."""
+    from nvme_lm.spec import cdq as c
+
+    trattr = 0
+    if AdminOpcode.TRACK_SEND in ctrl.admin_handlers:
+        trattr |= TRATTR.THMCS | TRATTR.TUDCS
+    if AdminOpcode.CONTROLLER_DATA_QUEUE not in ctrl.admin_handlers:
+        return {"trattr": int(trattr)}
+    return {"trattr": int(trattr), "cmmrtd": c.CMMRTD, "nmmrtd": c.NMMRTD, "minmrtg": c.MINMRTG,
+            "maxmrtg": c.MAXMRTG, "mcudmq": c.MCUDMQ, "mnsudmq": c.MNSUDMQ, "mcmr": c.MCMR, "nmcmr": c.NMCMR,
+            "mcdqpc": c.MCDQPC}
 
 
 def lba_formats(ctrl: Controller) -> list[LbaFormat]:

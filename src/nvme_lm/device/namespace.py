@@ -66,6 +66,7 @@ class Namespace:
             os.ftruncate(self.fd, size)
         self.dirty = False  # data in the volatile write cache (page cache) since the last flush
         self.alloc = AllocationMap.for_namespace(self)  # TP4165 allocation map (device/allocation.py)
+        self.change_loggers: list = []  # TP4159 UDMQs logging changes here (device/cdq.py Cdq.on_change)
 
     # --- identity -------------------------------------------------------------------------------
     @property
@@ -156,9 +157,13 @@ class Namespace:
                 off += n
         except BaseException:
             self.alloc.mark(slba, sum(len(v) for v in views) >> self.lba_shift)  # part of it may be written
+            if self.change_loggers:
+                self._log_change(slba, sum(len(v) for v in views) >> self.lba_shift, False)
             raise
         self.dirty = True
         self.alloc.mark(slba, (off >> self.lba_shift) - slba)  # after the data (allocation.py: ordering)
+        if self.change_loggers:
+            self._log_change(slba, (off >> self.lba_shift) - slba, False)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         """Punches a hole: the blocks read back as zeroes and stop counting as allocated."""
@@ -168,8 +173,12 @@ class Namespace:
                       nlb << self.lba_shift)
         except BaseException:
             self.alloc.mark_zeroed(slba, nlb)  # the punch may have done nothing: never under-report
+            if self.change_loggers:
+                self._log_change(slba, nlb, False)  # part of it may have changed
             raise
         self.dirty = True
+        if self.change_loggers:
+            self._log_change(slba, nlb, True)
 
     def write_zeroes(self, slba: int, nlb: int) -> None:
         """Zeroes that stay allocated (Write Zeroes without DEAC)."""
@@ -178,7 +187,14 @@ class Namespace:
                       nlb << self.lba_shift)
         finally:
             self.alloc.mark_zeroed(slba, nlb)  # ext4 shows these as holes: the map (and sidecar) keeps them
+            if self.change_loggers:
+                self._log_change(slba, nlb, False)  # also on failure: part of it may have changed
         self.dirty = True
+
+    def _log_change(self, slba: int, nlb: int, dlba: bool) -> None:
+        """Tells the UDMQs logging this namespace (after the change took effect, NVM CS §5.6)."""
+        for logger in list(self.change_loggers):
+            logger.on_change(self.nsid, slba, nlb, dlba)
 
     def flush(self) -> None:
         if self.alloc.zeroed_dirty:

@@ -15,6 +15,7 @@ from pathlib import Path
 from nvme_lm.device import feature_defaults as F
 from nvme_lm.device import rate_limit
 from nvme_lm.device.admin import ADMIN_HANDLERS
+from nvme_lm.device.admin import cdq as admin_cdq
 from nvme_lm.device.admin import exported as admin_exported
 from nvme_lm.device.controller import Controller
 from nvme_lm.device.exported import ExportedSubsystems
@@ -49,6 +50,7 @@ class PrimaryController(Controller):
 
     def controller_reset(self, full: bool = False) -> None:
         super().controller_reset(full)
+        admin_cdq.reset_mmc(self)  # TP4159: a CLR of the MMC deletes its UDMQs and stops memory tracking
         if self.subsystem.sriov is not None:
             # `full` is an FLR: a Controller Level Reset that also activates the flexible allocation
             self.subsystem.sriov.primary_reset(level=full)
@@ -103,6 +105,7 @@ class EmulatedSsd:
         self.pf = PcieFunction(ids, msix_vectors=m.msix_vectors, name="pf0")
         self.primary = PrimaryController(self.subsystem, 0, self.pf, admin_handlers=self.primary_admin_handlers(m))
         rate_limit.install(self.primary)  # TP4176: the PF manages every controller's limits (FID 28h)
+        admin_cdq.install(self.primary)  # TP4159: FID 21h on the PF, the controller that creates CDQs
         self.secondaries: list[SecondaryController] = []
         self.vfs: list[PcieFunction] = []
         self.exported: ExportedSubsystems | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from nvme_lm.device.admin import (
     abort,
+    cdq,
     doorbell_buffer,
     events,
     exported,
@@ -16,6 +17,7 @@ from nvme_lm.device.admin import (
     identify,
     lba_status,
     log_pages,
+    migration,
     namespaces,
     queues,
     virtualization,
@@ -24,6 +26,7 @@ from nvme_lm.device.request import Handler
 
 FAMILIES = (
     abort,
+    cdq,
     doorbell_buffer,
     events,
     exported,
@@ -32,6 +35,7 @@ FAMILIES = (
     identify,
     lba_status,
     log_pages,
+    migration,
     namespaces,
     queues,
     virtualization,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nvme_lm.device import feature_defaults as F
-from nvme_lm.device.admin import rate_limit
+from nvme_lm.device.admin import cdq, rate_limit
 from nvme_lm.device.events import AsyncEvent, AsyncEventType
 from nvme_lm.device.features import FeatureSpec
 from nvme_lm.device.request import Handler, NvmeError, Request
@@ -182,6 +182,7 @@ SET_HANDLERS: dict[int, SetHandler] = {
     F.TIMESTAMP: _set_timestamp,
     F.KEEP_ALIVE_TIMER: _set_keep_alive,
     rate_limit.FID: rate_limit.set_feature,  # only on controllers whose feature table has FID 28h (the PF)
+    cdq.FID_CDQ: cdq.set_feature,  # FID 21h: only on the controller that creates CDQs (the PF)
 }
 
 
@@ -249,6 +250,8 @@ def get_features(req: Request) -> st.Status:
         req.dw0 = _get_indexed(req, spec, sel)
     elif fid == rate_limit.FID:
         rate_limit.get_feature(req, sel)
+    elif fid == cdq.FID_CDQ:
+        cdq.get_feature(req, sel)
     elif sel == 0:
         req.dw0 = ctrl.features.get(fid)
     elif sel == 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from nvme_lm.device import identity
-from nvme_lm.device.admin import exported, virtualization
+from nvme_lm.device.admin import exported, migration, virtualization
 from nvme_lm.device.request import Handler, NvmeError, Request
 from nvme_lm.spec import status as st
 from nvme_lm.spec.identify import (
@@ -132,6 +132,7 @@ CNS_HANDLERS = {
     CNS.SECONDARY_CTRL_LIST: virtualization.cns_secondary_list,
     CNS.UNDERLYING_CTRL_LIST: exported.cns_underlying_controllers,
     CNS.EXPORTED_TEMPLATE_UUID_LIST: exported.cns_template_list,
+    CNS.SUPPORTED_CTRL_STATE_FORMATS: migration.cns_supported_state_formats,
 }
 
 

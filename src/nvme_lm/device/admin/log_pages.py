@@ -31,6 +31,8 @@ BROADCAST = 0xFFFFFFFF
 SCOPE_NS = 1 << 0  # scope bits as the 12-bit field at 31:20
 SCOPE_CTRL = 1 << 1
 SCOPE_SUBSYSTEM = 1 << 4
+SCOPE_CDQ = 1 << 6  # CDQSCP: FID 21h is per Controller Data Queue (TP4159, spec notes §2.4)
+FID_CDQ = 0x21
 CSE_NS_EXCLUSIVE = 1  # no other command to the same namespace while this one runs
 
 # What each command changes, for the Commands Supported and Effects log.
@@ -107,7 +109,7 @@ def command_effects_log(req: Request) -> bytes:
 def fid_effects_log(req: Request) -> bytes:
     fids = [0] * 256
     for fid, spec in req.ctrl.features.specs.items():
-        fids[fid] = fid_effect(scope=SCOPE_NS if spec.ns_specific else SCOPE_CTRL)
+        fids[fid] = fid_effect(scope=SCOPE_NS if spec.ns_specific else SCOPE_CDQ if fid == FID_CDQ else SCOPE_CTRL)
     return FidSupportedEffectsLog(fids=fids).encode()
 
 
