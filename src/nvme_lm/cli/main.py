@@ -16,6 +16,7 @@ from rich.table import Table
 from nvme_lm.cli.bench_lba import lba_status_command
 from nvme_lm.cli.bench_noisy import noisy_command
 from nvme_lm.cli.device import device
+from nvme_lm.cli.lm import lm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,6 +157,7 @@ bench.add_command(noisy_command)  # `nvme-lm bench noisy` (cli/bench_noisy.py, T
 
 # ------------------------------------------------------------------------------------------ device
 cli.add_command(device)  # `nvme-lm device show` (cli/device.py)
+cli.add_command(lm)  # `nvme-lm lm cdq|track-send|track-recv|migration-send|migration-recv|state` (cli/lm.py)
 
 
 def main() -> None:

@@ -39,7 +39,6 @@ from nvme_lm.spec.controller_state import (
 )
 from nvme_lm.spec.opcodes import AdminOpcode
 from nvme_lm.spec.registers import CC, CSTS, aqa_decode
-from nvme_lm.spec.status import SCT, Status
 
 if TYPE_CHECKING:
     from nvme_lm.device.cdq import LmTracking
@@ -47,8 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_SUSPENDED = Status(SCT.COMMAND_SPECIFIC, 0x39)
-CONTROLLER_NOT_SUSPENDED = Status(SCT.COMMAND_SPECIFIC, 0x3A)
+CONTROLLER_SUSPENDED = st.CONTROLLER_SUSPENDED  # named in spec/status.py (spec notes §13)
+CONTROLLER_NOT_SUSPENDED = st.CONTROLLER_NOT_SUSPENDED
 DRAIN_TIMEOUT = 5.0  # seconds a Suspend waits for fetched commands before giving up
 MAX_STATE_BYTES = 1 << 20  # staging limit for Set Controller State
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-from nvme_lm.spec.status import SCT, Status
+from nvme_lm.spec import status as st
 
 # Controller Data Queue command (45h): CDW10 SEL 7:0, MOS 31:16 (QT = MOS 7:0 for create)
 CDQ_SEL_CREATE = 0x0
@@ -28,10 +28,10 @@ CDW11_ETPT = 1 << 31
 AEI_CDQ_TAIL_POINTER = 0x00
 AEI_CDQ_FULL = 0x01
 
-# Command-specific status codes (spec notes §13)
-INVALID_CDQ = Status(SCT.COMMAND_SPECIFIC, 0x37)
-NOT_ENOUGH_RESOURCES = Status(SCT.COMMAND_SPECIFIC, 0x38)
-CDQ_FULL = Status(SCT.COMMAND_SPECIFIC, 0x3B)
+# Command-specific status codes (spec notes §13), named in spec/status.py; kept here for the CDQ code
+INVALID_CDQ = st.INVALID_CDQ
+NOT_ENOUGH_RESOURCES = st.NOT_ENOUGH_RESOURCES
+CDQ_FULL = st.CDQ_FULL
 
 # LBA Migration Queue Entry Type 0 (32 bytes, NVM CS 1.2 Fig 177)
 LBA_ENTRY_SIZE = 32

@@ -120,6 +120,12 @@ INVALID_IO_CMD_SET = _c(0x2C)
 # Exported NVM subsystems (Base 2.4, TP4193; spec notes §17.2)
 INVALID_HOST = _c(0x35)
 INVALID_NVM_SUBSYSTEM = _c(0x36)
+# Live migration (TP4159; spec notes §13)
+INVALID_CDQ = _c(0x37)
+NOT_ENOUGH_RESOURCES = _c(0x38)
+CONTROLLER_SUSPENDED = _c(0x39)
+CONTROLLER_NOT_SUSPENDED = _c(0x3A)
+CDQ_FULL = _c(0x3B)
 CONTROLLER_ACTIVE = _c(0x42)
 INVALID_EXPORTED_ASSOCIATION = _c(0x43)
 INVALID_EXPORTED_CONFIGURATION_STATE = _c(0x44)
@@ -158,7 +164,9 @@ _SPECIFIC_NAMES = {
     0x21: "Invalid Number of Controller Resources", 0x22: "Invalid Resource Identifier",
     0x25: "ANA Attach Failed", 0x29: "I/O Command Set Not Supported", 0x2A: "I/O Command Set Not Enabled",
     0x2B: "I/O Command Set Combination Rejected", 0x2C: "Invalid I/O Command Set",
-    0x35: "Invalid Host", 0x36: "Invalid NVM Subsystem", 0x42: "Controller Active",
+    0x35: "Invalid Host", 0x36: "Invalid NVM Subsystem", 0x37: "Invalid Controller Data Queue",
+    0x38: "Not Enough Resources", 0x39: "Controller Suspended", 0x3A: "Controller Not Suspended",
+    0x3B: "Controller Data Queue Full", 0x42: "Controller Active",
     0x43: "Invalid Exported Association", 0x44: "Invalid Exported Configuration State",
     0x80: "Conflicting Attributes", 0x81: "Invalid Protection Information",
     0x82: "Attempted Write to Read Only Range",
