@@ -405,3 +405,19 @@ def test_suspend_writes_the_udmq_suspended_entry_and_dudmq_deletes_it(devices):
     pf.admin(hm.suspend(cntlid, dudmq=True))
     comp, _ = pf.admin(ht.cdq_delete(cdqid), check=False)
     assert comp.st == INVALID_CDQ  # already deleted by the Suspend
+
+
+def test_suspended_controller_refuses_virtualization_changes_with_39h(devices):
+    """Offlining, re-assigning or onlining a suspended VF would reset the state a migration is
+    capturing: Controller Suspended (39h), and the VF stays online, suspended and unchanged."""
+    src, _ = devices
+    pf, _, cntlid = setup_side(src)
+    hm.suspend_controller(pf, cntlid)
+    before = [(s.scid, s.scs, s.nvq, s.nvi) for s in hv.secondary_controllers(pf)]
+    for act, rt, nr in ((0x7, 0, 0), (0x8, 0, 2), (0x9, 0, 0)):
+        comp, _ = pf.admin(hv.virt_mgmt(act, cntlid=cntlid, rt=rt, nr=nr), check=False)
+        assert comp.st == st.CONTROLLER_SUSPENDED, (act, comp.st)
+    assert [(s.scid, s.scs, s.nvq, s.nvi) for s in hv.secondary_controllers(pf)] == before
+    assert src.subsystem.controllers[cntlid].suspended
+    hm.resume_controller(pf, cntlid)
+    assert hv.offline(pf, cntlid) == 0  # once resumed, the same action is allowed again

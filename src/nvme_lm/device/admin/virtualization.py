@@ -17,6 +17,10 @@ from nvme_lm.spec.virtualization import VirtMgmt
 PEL_CNS = 40
 
 
+SECONDARY_ACTIONS = (0x7, 0x8, 0x9)  # secondary offline, assign, online
+PEL_CNTLID = 42  # CDW10 bits 31:16
+
+
 def _sriov(req: Request) -> SriovResources | None:
     sriov = req.ctrl.subsystem.sriov
     if sriov is None or req.ctrl.cntlid != sriov.primary_cntlid:
@@ -29,6 +33,11 @@ def virtualization_management(req: Request) -> st.Status:
     if sriov is None:  # only reachable through a hand-built dispatch table
         raise NvmeError(st.INVALID_OPCODE, "Virtualization Management needs an SR-IOV primary controller")
     cmd = VirtMgmt.decode(req.sqe.cdw10, req.sqe.cdw11)
+    target = req.ctrl.subsystem.controllers.get(cmd.cntlid)
+    if cmd.act in SECONDARY_ACTIONS and target is not None and getattr(target, "suspended", False):
+        # A suspended controller's state is frozen for migration (Get Controller State must stay
+        # true to it); offlining, re-assigning or onlining it would reset or reshape it (docs/controller-state.md).
+        raise NvmeError(st.CONTROLLER_SUSPENDED, f"controller {cmd.cntlid} is suspended", PEL_CNTLID)
     req.dw0 = sriov.execute(cmd.act, cmd.rt, cmd.cntlid, cmd.nr)
     return st.SUCCESS
 
