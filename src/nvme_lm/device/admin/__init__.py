@@ -1,45 +1,20 @@
 """Admin command handlers, one module per command family (as Linux's nvmet splits them).
 
 Each module exports `HANDLERS: dict[opcode, handler]`; this package merges them into the
-dispatch table the controller uses. A new family is one import and one entry in FAMILIES.
+dispatch table the controller uses. A new family is one name in _FAMILY_NAMES.
 """
 
 from __future__ import annotations
 
-from nvme_lm.device.admin import (
-    abort,
-    cdq,
-    doorbell_buffer,
-    events,
-    exported,
-    features,
-    format,
-    identify,
-    lba_status,
-    log_pages,
-    migration,
-    namespaces,
-    queues,
-    virtualization,
-)
+import importlib
+
 from nvme_lm.device.request import Handler
 
-FAMILIES = (
-    abort,
-    cdq,
-    doorbell_buffer,
-    events,
-    exported,
-    features,
-    format,
-    identify,
-    lba_status,
-    log_pages,
-    migration,
-    namespaces,
-    queues,
-    virtualization,
+_FAMILY_NAMES = (
+    "abort", "cdq", "doorbell_buffer", "events", "exported", "features", "format", "identify", "lba_status",
+    "log_pages", "migration", "namespaces", "queues", "virtualization",
 )
+FAMILIES = tuple(importlib.import_module(f"{__name__}.{name}") for name in _FAMILY_NAMES)
 
 ADMIN_HANDLERS: dict[int, Handler] = {}
 for _module in FAMILIES:
