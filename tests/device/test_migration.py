@@ -24,7 +24,6 @@ from nvme_lm.host import commands as cmd
 from nvme_lm.host import migration as hm
 from nvme_lm.host import virtualization as hv
 from nvme_lm.host.driver import NvmeDriver
-from nvme_lm.host.prp import PrpBuilder
 from nvme_lm.spec import status as st
 from nvme_lm.spec.commands import SQE
 from nvme_lm.spec.controller_state import (
@@ -85,24 +84,12 @@ def migrate_guest_ram(g: NvmeDriver, src_mem: GuestMemory, dst_fn) -> GuestMemor
     """Guest RAM migration in miniature: copy the region (and the guest's allocator with it) into new
     memory mapped at the same IOVA behind the destination VF, and point the guest driver at it."""
     dst_mem = GuestMemory(src_mem.size, base=src_mem.base)
-    dst_mem.buf[:] = src_mem.buf
-    dst_mem._free = list(src_mem._free)
-    dst_mem._allocated = dict(src_mem._allocated)
+    dst_mem.copy_from(src_mem)
     dst_fn.iommu.map(dst_mem.base, dst_mem.buf)
-    g.fn, g.mem, g.prp = dst_fn, dst_mem, PrpBuilder(dst_mem)
-    for qp in [g.admin_q] + [q.qp for q in g.io_queues.values()]:
-        qp.fn, qp.mem = dst_fn, dst_mem
-        qp.sq = dst_mem.view(qp.sq_addr, qp.depth * 64)
-        qp.cq = dst_mem.view(qp.cq_addr, qp.depth * 16)
-    dst_fn.enable()  # PCI config space (bus mastering) is restored by the VMM too
-    if g.shadow is not None:
-        sh = g.shadow
-        sh.mem = dst_mem
-        sh.shadow = dst_mem.view(sh.shadow_addr, dst_mem.page_size)
-        sh.eventidx = dst_mem.view(sh.eventidx_addr, dst_mem.page_size)
-    for v in range(dst_fn.msix.nvectors):  # the VMM restores the MSI-X table before resuming
+    dst_fn.enable()  # the VMM restores PCI config space (bus mastering) ...
+    for v in range(dst_fn.msix.nvectors):  # ... and the MSI-X table before resuming
         dst_fn.msix.mask(v, False)
-    dst_fn.msix.connect(g._interrupt)
+    g.rebind(dst_fn, dst_mem)
     return dst_mem
 
 

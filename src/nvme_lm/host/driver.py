@@ -76,6 +76,18 @@ class NvmeDriver:
         self.fn.bar0.write32(Reg.CC, CC.make(en=True, css=0, mps=0, iosqes=6, iocqes=4))
         self._wait_csts(CSTS.RDY, CSTS.RDY, "CSTS.RDY=1")
 
+    def rebind(self, fn: PcieFunction, mem: DmaMemory) -> None:
+        """Live migration: the controller state now lives behind `fn` and guest RAM in `mem` (same
+        addresses). Re-points every queue and the shadow doorbells; the VMM has already restored
+        bus mastering and the MSI-X table on `fn`, so only the interrupt route is connected here."""
+        self.fn, self.mem, self.prp = fn, mem, PrpBuilder(mem)
+        for qp in [self.admin_q] + [q.qp for q in self.io_queues.values()]:
+            if qp is not None:
+                qp.rebind(fn, mem)
+        if self.shadow is not None:
+            self.shadow.rebind(mem)
+        fn.msix.connect(self._interrupt)
+
     def _interrupt(self, vector: int) -> None:
         for qp in self._by_vector.get(vector, ()):
             qp.irq.set()

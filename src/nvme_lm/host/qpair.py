@@ -68,6 +68,12 @@ class ShadowDoorbellPages:
         self.shadow = mem.view(self.shadow_addr, mem.page_size)
         self.eventidx = mem.view(self.eventidx_addr, mem.page_size)
 
+    def rebind(self, mem: DmaMemory) -> None:
+        """The same pages, now in `mem` (guest RAM moved to another host at the same addresses)."""
+        self.mem = mem
+        self.shadow = mem.view(self.shadow_addr, mem.page_size)
+        self.eventidx = mem.view(self.eventidx_addr, mem.page_size)
+
     def offset(self, qid: int, is_cq: bool) -> int:
         return (2 * qid + int(is_cq)) * self.stride
 
@@ -213,6 +219,12 @@ class QueuePair:
             if left <= 0:
                 raise NvmeTimeout(f"no completion on queue {self.qid} within {timeout:.1f}s")
             self.irq.wait(min(left, 0.1))
+
+    def rebind(self, fn: PcieFunction, mem: DmaMemory) -> None:
+        """Follows the guest to another function and memory holding the same rings at the same addresses."""
+        self.fn, self.mem = fn, mem
+        self.sq = mem.view(self.sq_addr, self.depth * SQE_SIZE)
+        self.cq = mem.view(self.cq_addr, self.depth * CQE_SIZE)
 
     def release(self) -> None:
         for addr in (self.sq_addr, self.cq_addr):

@@ -64,6 +64,14 @@ class GuestMemory:
         self.dirty[pages] = False
         return pages
 
+    def copy_from(self, other: GuestMemory) -> None:
+        """Takes `other`'s contents and allocations (a stop-and-copy of guest RAM); same size and base."""
+        if (other.size, other.base, other.page_size) != (self.size, self.base, self.page_size):
+            raise ValueError("guest memory copies need the same size, base and page size")
+        self.buf[:] = other.buf
+        self._free = list(other._free)
+        self._allocated = dict(other._allocated)
+
     # --- allocator ----------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
         """Allocates whole, physically contiguous pages; returns the guest-physical address."""
