@@ -147,6 +147,7 @@ class Namespace:
 
     def write_from(self, slba: int, views: list[memoryview]) -> None:
         off = slba << self.lba_shift
+        nlb = sum(len(v) for v in views) >> self.lba_shift
         try:
             for i in range(0, len(views), IOV_MAX):
                 chunk = views[i : i + IOV_MAX]
@@ -155,15 +156,13 @@ class Namespace:
                 if n != want:
                     raise OSError(errno.EIO, f"short write of {n}/{want} bytes at {off}")
                 off += n
-        except BaseException:
-            self.alloc.mark(slba, sum(len(v) for v in views) >> self.lba_shift)  # part of it may be written
+            self.dirty = True
+        finally:
+            # after the data (allocation.py: ordering); on a failure part of it may be written, so
+            # the whole range is marked and logged either way
+            self.alloc.mark(slba, nlb)
             if self.change_loggers:
-                self._log_change(slba, sum(len(v) for v in views) >> self.lba_shift, False)
-            raise
-        self.dirty = True
-        self.alloc.mark(slba, (off >> self.lba_shift) - slba)  # after the data (allocation.py: ordering)
-        if self.change_loggers:
-            self._log_change(slba, (off >> self.lba_shift) - slba, False)
+                self._log_change(slba, nlb, False)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         """Punches a hole: the blocks read back as zeroes and stop counting as allocated."""
