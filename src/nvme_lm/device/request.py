@@ -74,3 +74,17 @@ class Request:
 
 
 Handler = Callable[[Request], Status]
+
+
+def by_select(command: str, handlers: dict[int, Handler], mask: int = 0xFF) -> Handler:
+    """A handler for a command whose CDW10 select field (SEL, under `mask`) picks the operation;
+    a reserved select is Invalid Field at CDW10."""
+
+    def dispatch(req: Request) -> Status:
+        sel = req.sqe.cdw10 & mask
+        handler = handlers.get(sel)
+        if handler is None:
+            raise NvmeError(st.INVALID_FIELD, f"{command} select {sel:#x} reserved", 40)
+        return handler(req)
+
+    return dispatch

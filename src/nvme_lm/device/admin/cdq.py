@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from nvme_lm.device.cdq import Cdq, MemoryTracker, tracking
 from nvme_lm.device.features import FeatureSpec
-from nvme_lm.device.request import Handler, NvmeError, Request
+from nvme_lm.device.request import Handler, NvmeError, Request, by_select
 from nvme_lm.pcie.iommu import DmaFault
 from nvme_lm.spec import status as st
 from nvme_lm.spec.cdq import (
@@ -134,13 +134,7 @@ def _delete(req: Request) -> st.Status:
     return st.SUCCESS
 
 
-def controller_data_queue(req: Request) -> st.Status:
-    sel = req.sqe.cdw10 & 0xFF
-    if sel == CDQ_SEL_CREATE:
-        return _create(req)
-    if sel == CDQ_SEL_DELETE:
-        return _delete(req)
-    raise NvmeError(st.INVALID_FIELD, f"CDQ select {sel:#x} reserved", PEL_CDW10)
+controller_data_queue = by_select("CDQ", {CDQ_SEL_CREATE: _create, CDQ_SEL_DELETE: _delete})
 
 
 def reset_mmc(mmc: Controller) -> None:
@@ -234,13 +228,8 @@ def _track_memory_changes(req: Request) -> st.Status:
     return st.SUCCESS
 
 
-def track_send(req: Request) -> st.Status:
-    sel = req.sqe.cdw10 & 0xFF
-    if sel == TS_SEL_LOG_USER_DATA_CHANGES:
-        return _log_user_data_changes(req)
-    if sel == TS_SEL_TRACK_MEMORY_CHANGES:
-        return _track_memory_changes(req)
-    raise NvmeError(st.INVALID_FIELD, f"Track Send select {sel:#x} reserved", PEL_CDW10)
+track_send = by_select("Track Send", {TS_SEL_LOG_USER_DATA_CHANGES: _log_user_data_changes,
+                                      TS_SEL_TRACK_MEMORY_CHANGES: _track_memory_changes})
 
 
 # ---------------------------------------------------------------------------- Track Receive

@@ -22,7 +22,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from nvme_lm.device.events import AsyncEvent, AsyncEventType, NoticeInfo
-from nvme_lm.device.request import Handler, NvmeError, Request
+from nvme_lm.device.request import Handler, NvmeError, Request, by_select
 from nvme_lm.spec import status as st
 from nvme_lm.spec.identify import CTRL_LIST_MAX, IdentifyNamespace, decode_ctrl_list
 from nvme_lm.spec.opcodes import AdminOpcode
@@ -135,13 +135,7 @@ def _delete(req: Request) -> st.Status:
     return st.SUCCESS
 
 
-def namespace_management(req: Request) -> st.Status:
-    sel = req.sqe.cdw10 & 0xF
-    if sel == SEL_CREATE:
-        return _create(req)
-    if sel == SEL_DELETE:
-        return _delete(req)
-    raise NvmeError(st.INVALID_FIELD, f"SEL {sel} reserved", PEL_CDW10)
+namespace_management = by_select("Namespace Management", {SEL_CREATE: _create, SEL_DELETE: _delete}, mask=0xF)
 
 
 # ----------------------------------------------------------------------- Namespace Attachment
