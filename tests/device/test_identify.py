@@ -52,7 +52,8 @@ def test_identify_namespace_reports_size_format_and_usage(ssd, driver, ns1):
     assert idns.lbaf[idns.format_index].lbads == 9
     assert idns.nuse == 0
     assert idns.nguid == bytes.fromhex(ns1.info.nguid)
-    q = driver.create_io_queue(1, 16) if driver.set_number_of_queues(1, 1) else None
+    driver.set_number_of_queues(1, 1)
+    q = driver.create_io_queue(1, 16)
     q.write(ns1.nsid, 4096, os.urandom(4096), 512)
     idns = IdentifyNamespace.decode(driver.identify(0x00, nsid=ns1.nsid))
     assert idns.nuse >= 8  # at least the 8 blocks written (the file system may allocate more)
