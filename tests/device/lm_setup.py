@@ -16,6 +16,7 @@ from nvme_lm.vm.memory import GuestMemory
 MODEL = DeviceModel(max_vfs=4, vq_flexible=24, vi_flexible=16, vq_max_per_vf=9, vi_max_per_vf=5, max_io_queues=4,
                     msix_vectors=5)
 GUEST_MB = 4 << 20
+GUEST_BASE = 0x10_0000
 LBA = 512
 
 
@@ -35,6 +36,25 @@ def driver_on(fn, base: int = 0x10_0000) -> NvmeDriver:
     d = NvmeDriver(fn, mem, timeout=5.0)
     d.start()
     return d
+
+
+def guest_on(fn) -> tuple[NvmeDriver, GuestMemory]:
+    """A guest's driver on `fn` with its own guest memory at GUEST_BASE."""
+    d = driver_on(fn, GUEST_BASE)
+    return d, d.mem  # type: ignore[return-value]
+
+
+def migrate_guest_ram(g: NvmeDriver, src_mem: GuestMemory, dst_fn) -> GuestMemory:
+    """Guest RAM migration in miniature: copy the region (and the guest's allocator with it) into new
+    memory mapped at the same IOVA behind the destination VF, and point the guest driver at it."""
+    dst_mem = GuestMemory(src_mem.size, base=src_mem.base)
+    dst_mem.copy_from(src_mem)
+    dst_fn.iommu.map(dst_mem.base, dst_mem.buf)
+    dst_fn.enable()  # the VMM restores PCI config space (bus mastering) ...
+    for v in range(dst_fn.msix.nvectors):  # ... and the MSI-X table before resuming
+        dst_fn.msix.mask(v, False)
+    g.rebind(dst_fn, dst_mem)
+    return dst_mem
 
 
 def setup(tmp_path) -> Lm:

@@ -11,14 +11,12 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from nvme_lm.device import migration_state as ms
-from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.ssd import EmulatedSsd
 from nvme_lm.host import commands as cmd
 from nvme_lm.host import migration as hm
@@ -36,61 +34,20 @@ from nvme_lm.spec.controller_state import (
 from nvme_lm.spec.identify import CNS, OACS, IdentifyController, IdentifyNamespace, encode_ctrl_list
 from nvme_lm.spec.opcodes import AdminOpcode as A
 from nvme_lm.spec.registers import sq_tail_doorbell
-from nvme_lm.vm.memory import GuestMemory
+from tests.device.lm_setup import LBA, driver_on, guest_on, migrate_guest_ram
 
-GUEST_MB = 4 << 20
-GUEST_BASE = 0x10_0000
 NVQ, NVI = 3, 3  # admin + 2 I/O queue pairs, 3 vectors per VF
-LBA = 512
 NS_BLOCKS = 2048
-
-
-@pytest.fixture
-def devices(tmp_path) -> Iterator[tuple[EmulatedSsd, EmulatedSsd]]:
-    model = DeviceModel.builtin("vendor-a")
-    src, dst = EmulatedSsd(tmp_path / "src", model), EmulatedSsd(tmp_path / "dst", model)
-    yield src, dst
-    src.power_off()
-    dst.power_off()
-
-
-def pf_driver(dev: EmulatedSsd) -> NvmeDriver:
-    mem = GuestMemory(GUEST_MB)
-    dev.pf.iommu.map(mem.base, mem.buf)
-    d = NvmeDriver(dev.pf, mem, timeout=5.0)
-    d.start()
-    return d
 
 
 def setup_side(dev: EmulatedSsd) -> tuple[NvmeDriver, int, int]:
     """PF driver, one namespace, VF 1 brought up and attached; returns (pf, nsid, vf cntlid)."""
-    pf = pf_driver(dev)
+    pf = driver_on(dev.pf)
     data = IdentifyNamespace(nsze=NS_BLOCKS, ncap=NS_BLOCKS, flbas=0).encode()
     nsid = pf.admin(cmd.ns_create(), data=data)[0].dw0
     entry = hv.bring_up_vf(pf, 1, NVQ, NVI)
     pf.admin(cmd.ns_attach(nsid), data=encode_ctrl_list([entry.scid]))
     return pf, nsid, entry.scid
-
-
-def guest_on(fn) -> tuple[NvmeDriver, GuestMemory]:
-    mem = GuestMemory(GUEST_MB, base=GUEST_BASE)
-    fn.iommu.map(mem.base, mem.buf)
-    g = NvmeDriver(fn, mem, timeout=5.0)
-    g.start()
-    return g, mem
-
-
-def migrate_guest_ram(g: NvmeDriver, src_mem: GuestMemory, dst_fn) -> GuestMemory:
-    """Guest RAM migration in miniature: copy the region (and the guest's allocator with it) into new
-    memory mapped at the same IOVA behind the destination VF, and point the guest driver at it."""
-    dst_mem = GuestMemory(src_mem.size, base=src_mem.base)
-    dst_mem.copy_from(src_mem)
-    dst_fn.iommu.map(dst_mem.base, dst_mem.buf)
-    dst_fn.enable()  # the VMM restores PCI config space (bus mastering) ...
-    for v in range(dst_fn.msix.nvectors):  # ... and the MSI-X table before resuming
-        dst_fn.msix.mask(v, False)
-    g.rebind(dst_fn, dst_mem)
-    return dst_mem
 
 
 def copy_namespace(src: EmulatedSsd, dst: EmulatedSsd, nsid: int) -> None:

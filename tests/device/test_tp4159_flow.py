@@ -13,12 +13,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 
-from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.ssd import EmulatedSsd
 from nvme_lm.host import commands as cmd
 from nvme_lm.host import migration as hm
@@ -28,26 +25,17 @@ from nvme_lm.host.driver import IoQueue, NvmeDriver
 from nvme_lm.host.lba_status import allocated_ranges
 from nvme_lm.spec import cdq as c
 from nvme_lm.spec.registers import sq_tail_doorbell
-from tests.device.test_migration import GUEST_BASE, GUEST_MB, LBA, guest_on, migrate_guest_ram, pf_driver
+from tests.device.lm_setup import GUEST_BASE, GUEST_MB, LBA, driver_on, guest_on, migrate_guest_ram
 
 NS_BLOCKS = (16 << 20) // LBA  # 16 MiB namespace
 CHUNK = 256  # LBAs per PF copy command (128 KiB, within MDTS)
 UDMQ_SLOTS = 1024
 
 
-@pytest.fixture
-def devices(tmp_path) -> Iterator[tuple[EmulatedSsd, EmulatedSsd]]:
-    model = DeviceModel.builtin("vendor-a")
-    src, dst = EmulatedSsd(tmp_path / "src", model), EmulatedSsd(tmp_path / "dst", model)
-    yield src, dst
-    src.power_off()
-    dst.power_off()
-
-
 def side(dev: EmulatedSsd) -> tuple[NvmeDriver, IoQueue, int, int]:
     """PF driver with its own I/O queue, a 16 MiB namespace attached to VF 1 and to the PF (so that the
     migration host can read / write it); returns (pf, pf io queue, nsid, vf cntlid)."""
-    pf = pf_driver(dev)
+    pf = driver_on(dev.pf)
     nsid = pf.create_namespace(NS_BLOCKS, shared=True)  # NMIC shared: the PF and the VF both attach it
     entry = hv.bring_up_vf(pf, 1, 3, 3)
     pf.attach_namespace(nsid, [entry.scid, 0])
