@@ -132,9 +132,17 @@ def test_dirty_log(mem):
 
 def test_device_writes_are_not_in_the_cpu_dirty_log(mem):
     """DMA goes straight to the mapped buffer; only CPU writes through the guest are logged."""
-    mem.log_dirty = True
     a = mem.alloc(PAGE)
+    mem.log_dirty = True
     mem.buf[a - mem.base : a - mem.base + 4] = b"dma!"
     assert mem.read(a, 4) == b"dma!"
     assert len(mem.take_dirty()) == 0
     assert isinstance(mem.dirty, np.ndarray) and mem.dirty.dtype == bool
+
+
+def test_allocation_zeroing_is_a_cpu_write(mem):
+    """alloc() clears the pages with the CPU, so a pre-copy must resend them."""
+    mem.log_dirty = True
+    a = mem.alloc(2 * PAGE)
+    first = (a - mem.base) // PAGE
+    assert mem.take_dirty().tolist() == [first, first + 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from nvme_lm.host import commands as cmd
 from nvme_lm.host.memory import DmaMemory
@@ -19,6 +20,7 @@ from nvme_lm.spec.identify import IdentifyNamespace, encode_ctrl_list
 from nvme_lm.spec.registers import CC, CSTS, Cap, Reg, Shn, aqa
 
 FID_NUMBER_OF_QUEUES = 0x07
+DRIVER_STATE_VERSION = 1
 
 
 class ControllerFatal(RuntimeError):
@@ -88,6 +90,48 @@ class NvmeDriver:
             self.shadow.rebind(mem)
         fn.msix.connect(self._interrupt)
 
+    def state(self) -> dict:
+        """The driver's own state (queue bookkeeping, shadow doorbell pages) as plain data, for moving a
+        paused guest: everything else it uses is in guest memory or in the controller's state."""
+        assert self.admin_q is not None, "controller not started"
+        shadow = None if self.shadow is None else [self.shadow.shadow_addr, self.shadow.eventidx_addr]
+        return {"v": DRIVER_STATE_VERSION, "admin_depth": self.admin_depth, "timeout": self.timeout,
+                "poll": self.poll, "shadow": shadow, "admin": self.admin_q.state(),
+                "io": [q.qp.state() for q in self.io_queues.values()]}
+
+    @classmethod
+    def restore(cls, fn: PcieFunction, mem: DmaMemory, state: dict) -> NvmeDriver:
+        """The captured driver, now driving `fn` (whose controller state was restored) over `mem`.
+        No bring-up: the controller is already live. Call `bind(resolver)` before the guest runs."""
+        if state.get("v") != DRIVER_STATE_VERSION:
+            raise ValueError(f"driver state version {state.get('v')!r} is not {DRIVER_STATE_VERSION}")
+        d = cls(fn, mem, admin_depth=state["admin_depth"], timeout=state["timeout"], poll=state["poll"])
+        d.cap = Cap.decode(fn.bar0.read64(Reg.CAP))
+        if state["shadow"] is not None:
+            d.shadow = ShadowDoorbellPages.__new__(ShadowDoorbellPages)
+            d.shadow.stride = 4 << d.cap.dstrd
+            d.shadow.shadow_addr, d.shadow.eventidx_addr = state["shadow"]
+            d.shadow.rebind(mem)
+        d.admin_q = QueuePair.restore(fn, mem, state["admin"], dstrd=d.cap.dstrd)
+        d._by_vector[d.admin_q.vector].append(d.admin_q)
+        for qs in state["io"]:
+            qp = QueuePair.restore(fn, mem, qs, dstrd=d.cap.dstrd)
+            qp.shadow = d.shadow
+            d.io_queues[qp.qid] = IoQueue(d, qp)
+            d._by_vector[qp.vector].append(qp)
+        fn.msix.connect(d._interrupt)
+        return d
+
+    def bind(self, resolver: Callable[[int, object], Callable[[Completion], None]]) -> None:
+        """Reattaches restored outstanding commands to their callbacks: `resolver(qid, tag)`."""
+        for qp in [self.admin_q] + [q.qp for q in self.io_queues.values()]:
+            if qp is not None:
+                qp.bind(lambda tag, qid=qp.qid: resolver(qid, tag))
+
+    @property
+    def spurious_completions(self) -> int:
+        return sum(qp.spurious for qp in [self.admin_q] + [q.qp for q in self.io_queues.values()] if qp is not None)
+
     def _interrupt(self, vector: int) -> None:
         for qp in self._by_vector.get(vector, ()):
             qp.irq.set()
@@ -131,6 +175,9 @@ class NvmeDriver:
             if length:
                 if data is not None:
                     self.mem.view(buf, len(data))[:] = data
+                    mark = getattr(self.mem, "mark_dirty", None)
+                    if mark is not None:
+                        mark(buf, len(data))
                 sqe.prp1, sqe.prp2, lists = self.prp.build(buf, length)
             cid = qp.submit(sqe, cleanup=lists)
             comp = qp.wait(cid, timeout or self.timeout, poll=self.poll)
@@ -258,12 +305,13 @@ class IoQueue:
             timeout: float | None = None) -> tuple[Completion, bytes]:
         return self.driver._run(self.qp, sqe, data=data, read=read, check=check, timeout=timeout)
 
-    def submit(self, sqe: SQE, buf: int, length: int, callback, *, ring: bool = True) -> int:
-        """Submits with the data buffer at guest address `buf`; `callback(Completion)` on completion."""
+    def submit(self, sqe: SQE, buf: int, length: int, callback, *, ring: bool = True, tag: object = None) -> int:
+        """Submits with the data buffer at guest address `buf`; `callback(Completion)` on completion.
+        `tag` names the callback for a restore after migration (see `QueuePair.submit`)."""
         lists: list[int] = []
         if length:
             sqe.prp1, sqe.prp2, lists = self.driver.prp.build(buf, length)
-        return self.qp.submit(sqe, callback=callback, cleanup=lists, ring=ring)
+        return self.qp.submit(sqe, callback=callback, cleanup=lists, ring=ring, tag=tag)
 
     def read(self, nsid: int, slba: int, nlb: int, lba_size: int) -> bytes:
         return self.run(cmd.read(nsid, slba, nlb), read=nlb * lba_size)[1]

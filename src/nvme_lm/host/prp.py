@@ -52,6 +52,9 @@ class PrpBuilder:
             left = len(pages) - i
             n = left if left <= per else per - 1
             view[:n] = pages[i : i + n]
+            mark = getattr(self.mem, "mark_dirty", None)
+            if mark is not None:
+                mark(lp, self.page_size)
             i += n
             prev_view = view
         return head, lists

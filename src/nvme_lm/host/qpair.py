@@ -49,7 +49,14 @@ class NvmeCommandError(Exception):
 
 
 Callback = Callable[[Completion], None]
+Resolver = Callable[[object], Callback]  # tag of an outstanding command -> its callback (after a restore)
 _U32 = struct.Struct("<I")
+QPAIR_STATE_VERSION = 1
+
+
+def _marker(mem: DmaMemory) -> Callable[[int, int], None] | None:
+    """The memory's CPU-write logger (guest RAM under dirty logging), if it has one."""
+    return getattr(mem, "mark_dirty", None)
 
 
 class ShadowDoorbellPages:
@@ -84,6 +91,9 @@ class ShadowDoorbellPages:
             return True  # beyond the page: this queue has no shadow doorbell
         old = _U32.unpack_from(self.shadow, off)[0]
         _U32.pack_into(self.shadow, off, value)
+        mark = _marker(self.mem)
+        if mark is not None:
+            mark(self.shadow_addr + off, 4)
         event_idx = _U32.unpack_from(self.eventidx, off)[0]
         return ((value - event_idx - 1) & 0xFFFF) < ((value - old) & 0xFFFF)
 
@@ -112,12 +122,15 @@ class QueuePair:
         self.phase = 1
         self._free_cids = list(range(depth - 2, -1, -1))  # at most depth-1 outstanding
         self.outstanding: dict[int, tuple[Callback | None, list[int]]] = {}
+        self.tags: dict[int, object] = {}  # cid -> the submitter's tag, for commands that must survive a migration
         self.done: dict[int, Completion] = {}
+        self.spurious = 0  # completions for CIDs not outstanding (a duplicate or a controller bug)
         self.irq = threading.Event()
         self.shadow: ShadowDoorbellPages | None = None  # set after Doorbell Buffer Config
         self.mmio_doorbells = 0  # MMIO doorbell writes (what shadow doorbells save)
         self.lock = threading.RLock()  # re-entrant: a completion callback may submit again
         self._unrung = 0
+        self._mark = _marker(mem)
 
     # --- submission ---------------------------------------------------------------------------
     @property
@@ -125,15 +138,22 @@ class QueuePair:
         return len(self._free_cids)
 
     def submit(self, sqe: SQE, *, callback: Callback | None = None, cleanup: list[int] | None = None,
-               ring: bool = True) -> int:
-        """Places `sqe` (its cid is assigned here) at the SQ tail; rings unless `ring` is False."""
+               ring: bool = True, tag: object = None) -> int:
+        """Places `sqe` (its cid is assigned here) at the SQ tail; rings unless `ring` is False.
+
+        A `tag` (plain data) names the callback so that the command can complete after the queue
+        pair was captured with `state()` and rebuilt elsewhere with `restore()`."""
         with self.lock:
             if not self._free_cids:
                 raise RuntimeError(f"queue {self.qid} is full ({self.depth - 1} outstanding)")
             cid = self._free_cids.pop()
             sqe.cid = cid
             self.outstanding[cid] = (callback, cleanup or [])
+            if tag is not None:
+                self.tags[cid] = tag
             sqe.pack_into(self.sq, self.sq_tail * SQE_SIZE)
+            if self._mark is not None:
+                self._mark(self.sq_addr + self.sq_tail * SQE_SIZE, SQE_SIZE)
             self.sq_tail = (self.sq_tail + 1) % self.depth
             self._unrung += 1
         if ring:
@@ -173,7 +193,9 @@ class QueuePair:
                 comp = Completion(cid, dw0, dw1, sf >> 1, sqhd)
                 entry = self.outstanding.pop(cid, None)
                 if entry is None:
-                    continue  # a completion for a command we never sent: ignore it
+                    self.spurious += 1  # a completion for a command we never sent: counted, ignored
+                    continue
+                self.tags.pop(cid, None)
                 callback, cleanup = entry
                 for addr in cleanup:
                     self.mem.free(addr)
@@ -225,6 +247,51 @@ class QueuePair:
         self.fn, self.mem = fn, mem
         self.sq = mem.view(self.sq_addr, self.depth * SQE_SIZE)
         self.cq = mem.view(self.cq_addr, self.depth * CQE_SIZE)
+        self._mark = _marker(mem)
+
+    # --- migration: the driver's half of a queue pair as plain data --------------------------------
+    def state(self) -> dict:
+        """Everything about this queue pair that is not in guest memory (a paused guest's driver state).
+
+        Every outstanding command must carry a tag: an untagged one has a waiter (a thread blocked in
+        `wait`) that cannot move with the state, so capturing then is an error."""
+        with self.lock:
+            untagged = [cid for cid in self.outstanding if cid not in self.tags]
+            if untagged:
+                raise RuntimeError(f"queue {self.qid}: commands {untagged} have no tag (a thread is waiting on them)")
+            if self._unrung:
+                raise RuntimeError(f"queue {self.qid}: {self._unrung} commands placed but the doorbell not rung")
+            return {"v": QPAIR_STATE_VERSION, "qid": self.qid, "depth": self.depth, "vector": self.vector,
+                    "sq_addr": self.sq_addr, "cq_addr": self.cq_addr, "sq_tail": self.sq_tail,
+                    "sq_head": self.sq_head, "cq_head": self.cq_head, "phase": self.phase,
+                    "free_cids": list(self._free_cids), "spurious": self.spurious,
+                    "outstanding": [[cid, self.tags[cid], list(cleanup)]
+                                    for cid, (_cb, cleanup) in self.outstanding.items()],
+                    "done": [list(c) for c in self.done.values()]}
+
+    @classmethod
+    def restore(cls, fn: PcieFunction, mem: DmaMemory, state: dict, *, dstrd: int = 0) -> QueuePair:
+        """Rebuilds a captured queue pair on `fn` over `mem` (rings already there, at the same addresses).
+        Outstanding commands have no callback until `bind(resolver)`."""
+        if state.get("v") != QPAIR_STATE_VERSION:
+            raise ValueError(f"queue pair state version {state.get('v')!r} is not {QPAIR_STATE_VERSION}")
+        qp = cls(fn, mem, state["qid"], state["depth"], dstrd=dstrd, vector=state["vector"],
+                 sq_addr=state["sq_addr"], cq_addr=state["cq_addr"])
+        qp.sq_tail, qp.sq_head, qp.cq_head, qp.phase = (state["sq_tail"], state["sq_head"], state["cq_head"],
+                                                       state["phase"])
+        qp._free_cids = list(state["free_cids"])
+        qp.spurious = state["spurious"]
+        for cid, tag, cleanup in state["outstanding"]:
+            qp.outstanding[cid] = (None, list(cleanup))
+            qp.tags[cid] = tag
+        qp.done = {c[0]: Completion(*c) for c in state["done"]}
+        return qp
+
+    def bind(self, resolver: Resolver) -> None:
+        """Gives every restored outstanding command its callback again, looked up by tag."""
+        with self.lock:
+            for cid, (_cb, cleanup) in list(self.outstanding.items()):
+                self.outstanding[cid] = (resolver(self.tags[cid]), cleanup)
 
     def release(self) -> None:
         for addr in (self.sq_addr, self.cq_addr):

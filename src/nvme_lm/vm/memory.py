@@ -72,6 +72,15 @@ class GuestMemory:
         self._free = list(other._free)
         self._allocated = dict(other._allocated)
 
+    def allocator_state(self) -> dict:
+        """The allocator's bookkeeping as plain data (it lives outside the mapped pages, like a guest
+        kernel's allocator would live inside them: a migration carries it with the VM state)."""
+        return {"free": [list(r) for r in self._free], "allocated": [[p, n] for p, n in self._allocated.items()]}
+
+    def restore_allocator(self, state: dict) -> None:
+        self._free = [(int(a), int(b)) for a, b in state["free"]]
+        self._allocated = {int(p): int(n) for p, n in state["allocated"]}
+
     # --- allocator ----------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
         """Allocates whole, physically contiguous pages; returns the guest-physical address."""
@@ -85,6 +94,7 @@ class GuestMemory:
                 self._allocated[start] = n
                 addr = self.base + start * self.page_size
                 self.view(addr, n * self.page_size)[:] = bytes(n * self.page_size)
+                self.mark_dirty(addr, n * self.page_size)
                 return addr
         raise OutOfGuestMemory(f"no {n} contiguous free pages in guest memory")
 
