@@ -279,6 +279,15 @@ def test_mndw_paging_with_cmpc(driver, q, ns1):
         assert allocated_ranges(driver, ns1.nsid, buffer_bytes=buf_for(room)) == want
 
 
+def test_a_short_answer_in_a_large_buffer_follows_the_prp_list(driver, q, ns1):
+    """A 16 KiB buffer needs a PRP list; an answer of two pages must land in the buffer's second page,
+    not in the list page PRP2 points to (PRP2's meaning depends on the buffer, not on the bytes moved)."""
+    want = scattered(q, ns1, 300)  # 16 + 300 * 16 bytes: more than one page, less than two
+    header, desc = get_lba_status(driver, ns1.nsid, 0, buffer_bytes=16 << 10)
+    assert (header.nlsd, header.cmpc) == (300, Cmpc.COMPLETE)
+    assert [(int(a), int(n) + 1) for a, n in zip(desc["dslba"], desc["nlb"], strict=True)] == want
+
+
 def test_mndw_smaller_than_a_descriptor(driver, q, ns1):
     comp, data = lba_status(driver, ns1.nsid, mndw=1)  # 8 bytes: the header alone
     assert comp.ok and (data[:4], data[4]) == (bytes(4), Cmpc.COMPLETE)  # nothing allocated yet

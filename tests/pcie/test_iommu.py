@@ -161,3 +161,21 @@ def test_concurrent_map_unmap_never_tears_a_lookup():
         stop.set()
         t.join()
     assert not errors
+
+
+def test_writes_are_announced_again_once_they_landed():
+    """A tracker drained between the device taking a write view and writing must see the page again."""
+    mmu = Iommu()
+    mmu.map(0x1000, bytearray(0x4000))
+    seen: list[tuple[int, int]] = []
+    mmu.on_write = lambda iova, n: seen.append((iova, n))
+    view = mmu.view(0x2000, 512, write=True)
+    mmu.view(0x3000, 64)  # reads are never announced
+    assert seen == [(0x2000, 512)]
+    seen.clear()  # the hypervisor drained the log here, then the device wrote
+    view[:] = b"x" * 512
+    mmu.landed()
+    assert seen == [(0x2000, 512)]
+    seen.clear()
+    mmu.landed()  # announced once per write, not forever
+    assert seen == []

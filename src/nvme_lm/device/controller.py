@@ -385,6 +385,7 @@ class Controller:
         except Exception:
             log.exception("controller %d: opcode %#x failed", self.cntlid, sqe.opcode)
             status = st.INTERNAL_ERROR
+        self.fn.iommu.landed()  # the command's writes into host memory are done (even if its completion waits)
         if status is DEFERRED:
             sq.inflight += 1
             return True

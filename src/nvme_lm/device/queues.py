@@ -96,10 +96,12 @@ class CompletionQueue:
     def post(self, dw0: int, dw1: int, sqhd: int, sqid: int, cid: int, status: int) -> None:
         """Writes one CQE at the tail with the current phase; the caller checked `full`."""
         view, off = self.ring.slot(self.tail)
-        on_write = self.fn.iommu.on_write
-        if on_write is not None:
-            on_write(self.ring.addr(self.tail), CQE_SIZE)
+        iommu = self.fn.iommu
+        iommu.landed()  # the command's data writes are in memory: trackers see them again
         pack_cqe_into(view, off, dw0, dw1, sqhd, sqid, cid, status, self.phase)
+        on_write = iommu.on_write
+        if on_write is not None:  # after the write: a tracker drained now cannot miss the CQE
+            on_write(self.ring.addr(self.tail), CQE_SIZE)
         self.tail += 1
         if self.tail == self.size:
             self.tail = 0

@@ -55,14 +55,21 @@ class Request:
             raise NvmeError(st.INVALID_FIELD, "SGLs are not supported")
         return prp_views(self.ctrl.fn, self.sqe.prp1, self.sqe.prp2, length, self.ctrl.page_size, to_host)
 
-    def write_to_host(self, data: bytes | bytearray | memoryview, length: int | None = None) -> None:
-        """Copies `data` (truncated or zero-padded to `length`) into the command's buffer."""
+    def write_to_host(self, data: bytes | bytearray | memoryview, length: int | None = None, *,
+                      buffer_length: int | None = None) -> None:
+        """Copies `data` (truncated or zero-padded to `length`) into the command's buffer.
+
+        `buffer_length` is the size of the host's buffer when only a prefix of it is transferred: PRP2
+        is a list pointer or a page pointer depending on the buffer's size, not on the bytes moved."""
         n = len(data) if length is None else length
         if n == 0:
             return
         mv = memoryview(data)[:n]
         pos = 0
-        for view in self.data_views(n, to_host=True):
+        for view in self.data_views(max(n, buffer_length or 0), to_host=True):
+            if pos >= n:
+                break
+            view = view[: n - pos]
             chunk = mv[pos : pos + len(view)]
             view[: len(chunk)] = chunk
             if len(chunk) < len(view):

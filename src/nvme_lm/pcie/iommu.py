@@ -39,7 +39,11 @@ class Iommu:
     """Sorted, non-overlapping IOVA mappings with a last-hit cache.
 
     `on_write` (optional) is told of every range the device is about to write; the memory
-    change tracking of TP4159 (Track Send, Track Memory Changes) hooks in there.
+    change tracking of TP4159 (Track Send, Track Memory Changes) hooks in there. Because a
+    tracker may be drained between that notice and the write itself, the device calls
+    `landed()` once the writes are done (before it posts the completion that makes them
+    visible), and the ranges written since are announced again: a page a hypervisor copied
+    too early is dirty once more.
     `generation` changes on every unmap so holders of cached views know to translate again.
     Mapping lists are replaced, never edited in place, so a device thread translating while
     the host maps or unmaps sees either the old or the new table, never a torn one.
@@ -52,6 +56,7 @@ class Iommu:
         self.generation = 0
         self.on_write: Callable[[int, int], None] | None = None
         self.faults = 0
+        self._recent = threading.local()  # per device thread: write ranges handed out since `landed()`
 
     def map(self, iova: int, buf: memoryview | bytearray, writable: bool = True) -> None:
         mv = memoryview(buf).cast("B")
@@ -116,8 +121,22 @@ class Iommu:
         m = self._find(iova, length, write)
         if write and self.on_write is not None:
             self.on_write(iova, length)
+            recent = getattr(self._recent, "ranges", None)
+            if recent is None:
+                recent = self._recent.ranges = []
+            recent.append((iova, length))
         off = iova - m.iova
         return m.buf[off : off + length]
+
+    def landed(self) -> None:
+        """This thread's device writes since the last call are done: tell the tracker again."""
+        recent = getattr(self._recent, "ranges", None)
+        if recent:
+            on_write = self.on_write
+            if on_write is not None:
+                for iova, length in recent:
+                    on_write(iova, length)
+            recent.clear()
 
     def read(self, iova: int, length: int) -> bytes:
         return bytes(self.view(iova, length))

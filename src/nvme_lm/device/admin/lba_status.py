@@ -91,7 +91,8 @@ def get_lba_status(req: Request) -> st.Status:
         starts = counts = np.empty(0, dtype=np.uint64)
         more, status = False, 0
     data = encode_lba_status(starts, counts, status, Cmpc.INCOMPLETE if more else Cmpc.COMPLETE)
-    req.write_to_host(data[:length])  # MNDW 0 or 1: only the part of the header that fits
+    # MNDW 0 or 1: only the part of the header that fits; the PRPs describe the whole buffer
+    req.write_to_host(data[:length], buffer_length=length)
     return st.SUCCESS
 
 
