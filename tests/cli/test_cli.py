@@ -14,7 +14,7 @@ CASE_KEYS = {"name", "iops", "raw_iops", "ratio", "p50_us", "p99_us"}
 
 
 def test_demo_json_runs_clean():
-    result = CliRunner().invoke(cli, ["demo", "--json", "--seconds", "1"])
+    result = CliRunner().invoke(cli, ["single-host", "--json", "--seconds", "1"])
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
     assert d["ok"] is True
@@ -31,7 +31,8 @@ def test_demo_json_runs_clean():
 
 
 def test_demo_table_output(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", "--seconds", "0.3", "--qd", "4", "--data-dir", str(tmp_path / "d")])
+    result = CliRunner().invoke(cli, ["single-host", "--seconds", "0.3", "--qd", "4",
+                                      "--data-dir", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "verify failures: 0" in result.stdout
     assert "p99.9" in result.stdout
@@ -42,7 +43,7 @@ def test_demo_exits_non_zero_on_verify_failure(monkeypatch):
     import nvme_lm.vm.workload as workload
 
     monkeypatch.setattr(workload, "check_block", lambda view, lba, gen: "injected mismatch")
-    result = CliRunner().invoke(cli, ["demo", "--json", "--seconds", "0.2"])
+    result = CliRunner().invoke(cli, ["single-host", "--json", "--seconds", "0.2"])
     assert result.exit_code != 0
     d = json.loads(result.stdout)
     assert d["ok"] is False and d["verify_failures"] > 0

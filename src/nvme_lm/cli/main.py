@@ -1,4 +1,5 @@
-"""The `nvme-lm` command line: `demo` and `bench io` for now; migration and fleet commands join this group."""
+"""The `nvme-lm` command line: `demo` and `migrate` (live migration between host agents), `host serve`,
+`single-host`, `bench`, `device` and `lm`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nvme_lm.cli.bench_lba import lba_status_command
 from nvme_lm.cli.bench_noisy import noisy_command
 from nvme_lm.cli.device import device
 from nvme_lm.cli.lm import lm
+from nvme_lm.cli.migrate import demo, host, migrate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,13 +84,13 @@ def _render_demo(d: dict[str, Any], console: Console) -> None:
         console.print(f"[dim]{note}[/dim]")
 
 
-@cli.command()
+@cli.command("single-host")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the SSD's files here (default: a temporary directory, removed afterwards).")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="Duration of the random workload.")
 @click.option("--qd", type=click.IntRange(1, 512), default=8, show_default=True, help="Queue depth.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def demo(data_dir: str | None, seconds: float, qd: int, as_json: bool) -> None:
+def single_host(data_dir: str | None, seconds: float, qd: int, as_json: bool) -> None:
     """One emulated SSD, its host driver, a namespace and a verified random read/write workload."""
     from nvme_lm.cli.demo import run_demo
 
@@ -158,6 +160,9 @@ bench.add_command(noisy_command)  # `nvme-lm bench noisy` (cli/bench_noisy.py, T
 # ------------------------------------------------------------------------------------------ device
 cli.add_command(device)  # `nvme-lm device show` (cli/device.py)
 cli.add_command(lm)  # `nvme-lm lm cdq|track-send|track-recv|migration-send|migration-recv|state` (cli/lm.py)
+cli.add_command(host)  # `nvme-lm host serve` (cli/migrate.py): a host agent process
+cli.add_command(migrate)  # `nvme-lm migrate --scenario F` (cli/migrate.py)
+cli.add_command(demo)  # `nvme-lm demo`: the default migration scenario
 
 
 def main() -> None:

@@ -231,6 +231,7 @@ class MigrationSpec:
     copy_chunk_kib: int = _key(_int(4, 4096, pow2=True), 128)
     copy_inflight: int = _key(_int(1, 64), 8)
     verify_ram: bool = _key(_Rule(bool), False)
+    verify_lbas: bool = _key(_Rule(bool), False)
     timeout_s: float = _key(_num(0.0, above=True), 60.0)
 
     @property

@@ -1,0 +1,340 @@
+"""The two ends of one migration, as sequences of steps over a stream channel.
+
+Source (`send_vm`): HELLO with the VM's spec and exported identity -> the destination accepts or
+refuses before anything is copied -> tracking starts -> pass 0 (allocated LBAs, guest pages holding
+data) -> delta passes until the policy says switch -> blackout (`switchover.capture`) -> SWITCHOVER
+-> PREPARED -> COMMIT (the point of no return) -> COMMITTED -> teardown -> DONE.
+
+Destination (`receive_vm`): checks and provisions a VF, applies data, prepares, and resumes the VM on
+COMMIT. Before the source commits, any failure on either side leaves the VM running at the source
+(`rollback.py`) and nothing on the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nvme_lm.host import migration as hm
+from nvme_lm.hypervisor import switchover
+from nvme_lm.hypervisor.node import Node, VfRequirements, VfSlot
+from nvme_lm.hypervisor.policy import ConvergencePolicy
+from nvme_lm.hypervisor.precopy import ChangeTracker, PassRecord, PrecopyReceiver, PrecopySender
+from nvme_lm.hypervisor.rollback import SourceRollback
+from nvme_lm.hypervisor.stream import STREAM_VERSION, Message, MsgType, control
+from nvme_lm.hypervisor.transport import Channel
+from nvme_lm.vm.machine import Vm, VmSpec
+from nvme_lm.vm.memory import GuestMemory
+
+REPLY_TIMEOUT = 30.0  # a peer that says nothing for this long is gone
+
+
+class MigrationFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class HostedVm:
+    """A VM as its host agent keeps it: the guest, its VF and the requirements to recreate them."""
+
+    vm: Vm
+    slot: VfSlot
+    spec: VmSpec
+    template: str
+    device_rate_iops: int = 0
+
+    @property
+    def mem(self) -> GuestMemory:
+        return self.vm.mem
+
+
+def requirements(spec: VmSpec, template: str, exported_state: bytes | None = None) -> VfRequirements:
+    """The VF a VM needs: its namespace, its identity template, a queue pair and a vector per vCPU + admin."""
+    return VfRequirements(capacity_bytes=spec.capacity_bytes, lba_size=spec.lba_size, template=template,
+                          nvq=spec.queues + 1, nvi=spec.queues + 1, exported_state=exported_state)
+
+
+@dataclass
+class MigrationOptions:
+    downtime_target_ms: float = 50.0
+    max_passes: int = 8
+    copy_chunk_bytes: int = 128 << 10
+    verify_ram: bool = False
+    verify_lbas: bool = False
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MigrationOptions:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Progress:
+    """Live figures of a migration (the control API's `vm.migration`)."""
+
+    role: str
+    phase: str = "setup"
+    pass_no: int = 0
+    bytes_lba: int = 0
+    bytes_ram: int = 0
+    allocated_bytes: int = 0
+    remaining_bytes: int = 0
+    passes: list[PassRecord] = field(default_factory=list)
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+    def snapshot(self, t0_ns: int) -> dict[str, Any]:
+        return {"role": self.role, "phase": self.phase, "pass": self.pass_no, "bytes_lba": self.bytes_lba,
+                "bytes_ram": self.bytes_ram, "allocated_bytes": self.allocated_bytes,
+                "remaining_bytes": self.remaining_bytes, "error": self.error,
+                "passes": [p.to_report(t0_ns) for p in self.passes], "result": self.result}
+
+
+async def _reply(ch: Channel, *want: MsgType) -> Message:
+    """The next control message, skipping late PASS_ACKs; ABORT/FAILED from the peer end the migration."""
+    while True:
+        msg = await ch.recv(REPLY_TIMEOUT)
+        if msg.type in want:
+            return msg
+        if msg.type is MsgType.PASS_ACK:
+            continue
+        if msg.type in (MsgType.ABORT, MsgType.FAILED):
+            raise MigrationFailed(f"destination: {msg.body.get('reason')}")  # type: ignore[union-attr]
+        if msg.type is MsgType.REFUSE:
+            raise MigrationFailed("destination refused: " + "; ".join(msg.body["reasons"]))  # type: ignore[index]
+        raise MigrationFailed(f"unexpected {msg.type.name} from the destination")
+
+
+# ============================================================================================ source
+async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[Channel]], opts: MigrationOptions,
+                  progress: Progress, on_committed: Callable[[], None]) -> dict[str, Any]:
+    """Moves `hosted` to the destination `connect()` reaches. Returns the leg's report; raises only for
+    programming errors (failures are in the report, with the VM running where it should)."""
+    vm, slot = hosted.vm, hosted.slot
+    t_start = time.monotonic_ns()
+    rb = SourceRollback(node, slot, vm)
+    policy = ConvergencePolicy(opts.downtime_target_ms, opts.max_passes)
+    ch: Channel | None = None
+    sender: PrecopySender | None = None
+    cap: switchover.Captured | None = None
+    t_resume = 0
+    error: str | None = None
+    lba = slot.lba_size
+    try:
+        async with asyncio.timeout(opts.timeout_s):
+            ch = await connect()
+            exported = await asyncio.to_thread(node.exported_state, slot)
+            await ch.send(control(MsgType.HELLO, stream_version=STREAM_VERSION, vm=hosted.spec.to_dict(),
+                                  template=hosted.template, exported_state=exported,
+                                  device_rate_iops=hosted.device_rate_iops))
+            await _reply(ch, MsgType.ACCEPT)
+
+            progress.phase = "precopy"
+            tracker = rb.tracker = ChangeTracker(node, slot, vm.mem)
+            await asyncio.to_thread(tracker.start)
+            sender = PrecopySender(ch.send, node, slot, vm.mem, chunk_bytes=opts.copy_chunk_bytes)
+
+            async def one_pass(rec: PassRecord, ranges: list[tuple[int, int]], pages: np.ndarray,
+                               skip_zero: bool = False) -> tuple[list[tuple[int, int]], np.ndarray]:
+                progress.pass_no = rec.pass_no
+                progress.passes.append(rec)
+                rec.lba_bytes = await sender.send_lbas(ranges)
+                progress.bytes_lba = sender.bytes_lba
+                rec.ram_bytes = await sender.send_pages(pages, skip_zero=skip_zero)
+                progress.bytes_ram = sender.bytes_ram
+                await ch.send(control(MsgType.PASS_END, **{"pass": rec.pass_no, "kind": rec.kind}))
+                await _reply(ch, MsgType.PASS_ACK)
+                new_ranges, overflow, _ = await asyncio.to_thread(tracker.lba_changes)
+                if overflow:
+                    new_ranges = await asyncio.to_thread(node.allocated_ranges, slot)
+                new_pages, _ = await asyncio.to_thread(tracker.ram_changes)
+                remaining = sum(n for _, n in new_ranges) * lba + len(new_pages) * vm.mem.page_size
+                rec.finish(remaining)
+                progress.remaining_bytes = remaining
+                return new_ranges, new_pages
+
+            allocated = await asyncio.to_thread(node.allocated_ranges, slot)
+            progress.allocated_bytes = sum(n for _, n in allocated) * lba
+            all_pages = np.arange(vm.mem.npages, dtype=np.int64)
+            rec = PassRecord(0, "full", time.monotonic_ns())
+            ranges, pages = await one_pass(rec, allocated, all_pages, skip_zero=True)
+            pass_no = 1
+            while True:
+                rate = rec.copy_rate_mib_s * (1 << 20)
+                switch, _why = policy.switch_now(pass_no - 1, rec.remaining_bytes, rate)
+                rec = PassRecord(pass_no, "delta", time.monotonic_ns())
+                ranges, pages = await one_pass(rec, ranges, pages)
+                pass_no += 1
+                if switch:
+                    break
+
+            progress.phase = "switchover"
+            cap = await switchover.capture(rb, tracker, sender, pass_no, ranges, pages, verify_ram=opts.verify_ram,
+                                           verify_lbas=opts.verify_lbas)
+            progress.passes.append(cap.final)
+            progress.bytes_lba, progress.bytes_ram = sender.bytes_lba, sender.bytes_ram
+            await ch.send(control(MsgType.SWITCHOVER, controller_state=cap.controller_state, vm_state=cap.vm_state,
+                                  t_pause_ns=cap.t_pause_ns, ram_crc=cap.ram_crc, lba_digest=cap.lba_digest))
+            await _reply(ch, MsgType.PREPARED)
+            rb.committed = True  # the point of no return: from here the VM is the destination's
+            await ch.send(control(MsgType.COMMIT))
+            done = await _reply(ch, MsgType.COMMITTED)
+            t_resume = int(done.body["t_resume_ns"])  # type: ignore[index]
+            progress.phase = "committed"
+    except (Exception, TimeoutError) as e:
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if not rb.committed:
+            progress.phase = "rolling back"
+            problems = await asyncio.to_thread(rb.roll_back)
+            if problems:
+                error += "; rollback left: " + "; ".join(problems)
+            if ch is not None:
+                with contextlib.suppress(Exception):  # the peer may be gone; the VM runs here regardless
+                    await ch.send(control(MsgType.ABORT, reason=error[:500]))
+            progress.phase = "failed (VM running at the source)"
+        else:
+            progress.phase = "in doubt (VM paused at the source, committed to the destination)"
+    if sender is not None:
+        sender.close()
+    teardown_problem = None
+    if error is None:
+        await asyncio.to_thread(vm.kill)  # the source's vCPUs end where they are parked
+        on_committed()
+        try:
+            await asyncio.to_thread(_teardown, node, slot, vm)
+        except Exception as e:  # the VM runs at the destination; what is left here is reported
+            teardown_problem = f"{type(e).__name__}: {e}"
+        with contextlib.suppress(Exception):
+            assert ch is not None
+            await ch.send(control(MsgType.DONE))
+        progress.phase = "done"
+    if ch is not None:
+        with contextlib.suppress(Exception):
+            await ch.close()
+    t_end = time.monotonic_ns()
+    progress.error = error
+    t0 = vm.t0_ns
+    leg = {
+        "ok": error is None, "error": error, "total_s": (t_end - t_start) / 1e9,
+        "passes": len(progress.passes), "bytes_lba": progress.bytes_lba, "bytes_ram": progress.bytes_ram,
+        "allocated_bytes": progress.allocated_bytes,
+        "engine_pause_ms": (t_resume - cap.t_pause_ns) / 1e6 if cap is not None and t_resume else float("nan"),
+        "unfetched_at_suspend": cap.unfetched if cap is not None else 0,
+        "t_start": (t_start - t0) / 1e9, "t_end": (t_end - t0) / 1e9,
+        "t_pause": (cap.t_pause_ns - t0) / 1e9 if cap is not None else float("nan"),
+        "t_resume": (t_resume - t0) / 1e9 if t_resume else float("nan"),
+        "t_pause_ns": cap.t_pause_ns if cap is not None else 0, "t_resume_ns": t_resume,
+        "pass_table": [p.to_report(t0) for p in progress.passes], "teardown_problem": teardown_problem,
+    }
+    progress.result = leg
+    return leg
+
+
+def _teardown(node: Node, slot: VfSlot, vm: Vm) -> None:
+    node.release(slot)
+    vm.mem.log_dirty = False
+
+
+# ============================================================================================ destination
+@dataclass
+class Incoming:
+    """What a destination agent lends to `receive_vm`."""
+
+    node: Node
+    admit: Callable[[VmSpec], list[str]]  # reasons this agent will not take this VM (e.g. not announced)
+    adopt: Callable[[HostedVm], None]  # the VM is running here now
+    progress: Progress
+
+
+async def receive_vm(ch: Channel, inc: Incoming) -> None:
+    node, progress = inc.node, inc.progress
+    slot: VfSlot | None = None
+    mem: GuestMemory | None = None
+    vm: Vm | None = None
+    committed = False
+    try:
+        hello = await ch.recv(REPLY_TIMEOUT)
+        if hello.type is not MsgType.HELLO:
+            raise MigrationFailed(f"expected HELLO, got {hello.type.name}")
+        body: dict = hello.body  # type: ignore[assignment]
+        try:
+            spec = VmSpec.from_dict(body["vm"])
+            template = str(body.get("template", "generic-v1"))
+            exported = body.get("exported_state")
+            rate = int(body.get("device_rate_iops", 0))
+        except (TypeError, ValueError, KeyError) as e:
+            await ch.send(control(MsgType.REFUSE, reasons=[f"bad VM description: {e}"]))
+            return
+        hosted_req = requirements(spec, template, exported)
+        reasons = inc.admit(spec) + await asyncio.to_thread(node.problems, hosted_req)
+        if reasons:
+            progress.phase = "refused"
+            progress.error = "; ".join(reasons)
+            await ch.send(control(MsgType.REFUSE, reasons=reasons))
+            return
+        slot = await asyncio.to_thread(node.provision, hosted_req)
+        mem = Vm.create_memory(spec)
+        node.map_guest(slot, mem)
+        await asyncio.to_thread(hm.suspend_controller, node.pf, slot.cntlid)
+        if rate:
+            await asyncio.to_thread(node.set_rate_limit, slot, rate)
+        await ch.send(control(MsgType.ACCEPT))
+        progress.phase = "receiving"
+        receiver = PrecopyReceiver(node, slot, mem)
+        while True:
+            msg = await ch.recv(REPLY_TIMEOUT)
+            t = msg.type
+            if t in (MsgType.LBA_DATA, MsgType.LBA_DEALLOCATE, MsgType.RAM_DATA):
+                await receiver.apply(msg)
+                progress.bytes_lba, progress.bytes_ram = receiver.bytes_lba, receiver.bytes_ram
+            elif t is MsgType.PASS_END:
+                progress.pass_no = int(msg.body["pass"])  # type: ignore[index]
+                await ch.send(control(MsgType.PASS_ACK, **{"pass": progress.pass_no}))
+            elif t is MsgType.SWITCHOVER:
+                progress.phase = "preparing"
+                b: dict = msg.body  # type: ignore[assignment]
+                try:
+                    vm = await asyncio.to_thread(switchover.prepare, node, slot, mem, b["controller_state"],
+                                                 b["vm_state"], b.get("ram_crc"), b.get("lba_digest"))
+                except Exception as e:
+                    await ch.send(control(MsgType.FAILED, reason=f"{type(e).__name__}: {e}"[:500]))
+                    raise
+                await ch.send(control(MsgType.PREPARED))
+            elif t is MsgType.COMMIT:
+                assert vm is not None
+                committed = True  # the source will not resume: run the VM whatever happens next
+                t_resume = await asyncio.to_thread(switchover.resume, node, slot, vm)
+                inc.adopt(HostedVm(vm, slot, spec, template, rate))
+                progress.phase = "running here"
+                await ch.send(control(MsgType.COMMITTED, t_resume_ns=t_resume))
+            elif t is MsgType.DONE:
+                progress.phase = "done"
+                return
+            elif t is MsgType.ABORT:
+                raise MigrationFailed(f"source aborted: {msg.body.get('reason')}")  # type: ignore[union-attr]
+            else:
+                raise MigrationFailed(f"unexpected {t.name}")
+    except Exception as e:
+        if progress.error is None:
+            progress.error = f"{type(e).__name__}: {e}"
+        if not committed:
+            progress.phase = "aborted (nothing kept)"
+            if vm is not None:
+                vm.close()
+            if slot is not None:
+                await asyncio.to_thread(_discard, node, slot)
+            if mem is not None:
+                mem.log_dirty = False
+        elif progress.phase != "done":
+            progress.phase = "running here (source did not confirm teardown)"
+
+
+def _discard(node: Node, slot: VfSlot) -> None:
+    with contextlib.suppress(Exception):
+        node.release(slot)
