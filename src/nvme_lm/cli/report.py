@@ -278,6 +278,19 @@ def _pass_table(r: dict[str, Any], leg: dict[str, Any]) -> Table:
     return t
 
 
+def _steps_table(leg: dict[str, Any]) -> Table | None:
+    """Where a leg's pause went, step by step (source steps, then the destination's, indented)."""
+    steps = leg.get("blackout_steps_ms") or {}
+    if not steps:
+        return None
+    t = Table(title=Text(f"Leg {leg['leg']} blackout, step by step"), title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("step")
+    t.add_column("ms", justify="right")
+    for name, ms in steps.items():
+        t.add_row(Text(name), f"{ms:,.1f}")
+    return t
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """The headline table, one pass table per leg, then any verify-failure examples.
 
@@ -287,6 +300,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(_migration_table(report))
     for leg in report["legs"]:
         console.print(_pass_table(report, leg))
+        steps = _steps_table(leg)
+        if steps is not None:
+            console.print(steps)
         if not leg["ok"] and leg["error"]:
             console.print(Text(f"leg {leg['leg']} error: {leg['error']}", style="red"))
     examples = report["guest"]["verify_failure_examples"]

@@ -123,6 +123,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
     ch: Channel | None = None
     sender: PrecopySender | None = None
     cap: switchover.Captured | None = None
+    steps: dict[str, float] = {}
     t_resume = 0
     error: str | None = None
     lba = slot.lba_size
@@ -179,13 +180,21 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
                                            verify_lbas=opts.verify_lbas)
             progress.passes.append(cap.final)
             progress.bytes_lba, progress.bytes_ram = sender.bytes_lba, sender.bytes_ram
+            steps = dict(cap.laps)
+            t = time.monotonic_ns()
             await ch.send(control(MsgType.SWITCHOVER, controller_state=cap.controller_state, vm_state=cap.vm_state,
                                   t_pause_ns=cap.t_pause_ns, ram_crc=cap.ram_crc, lba_digest=cap.lba_digest))
-            await _reply(ch, MsgType.PREPARED)
+            prepared = await _reply(ch, MsgType.PREPARED)
+            remote = dict(prepared.body.get("laps", {}))  # type: ignore[union-attr]
+            steps["destination prepare"] = (time.monotonic_ns() - t) / 1e6
             rb.committed = True  # the point of no return: from here the VM is the destination's
+            t = time.monotonic_ns()
             await ch.send(control(MsgType.COMMIT))
             done = await _reply(ch, MsgType.COMMITTED)
             t_resume = int(done.body["t_resume_ns"])  # type: ignore[index]
+            steps["commit and resume"] = (time.monotonic_ns() - t) / 1e6
+            remote.update(done.body.get("laps", {}))  # type: ignore[union-attr]
+            steps.update({f"  destination: {k}": v for k, v in remote.items()})
             progress.phase = "committed"
     except (Exception, TimeoutError) as e:
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -231,6 +240,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
         "t_resume": (t_resume - t0) / 1e9 if t_resume else float("nan"),
         "t_pause_ns": cap.t_pause_ns if cap is not None else 0, "t_resume_ns": t_resume,
         "pass_table": [p.to_report(t0) for p in progress.passes], "teardown_problem": teardown_problem,
+        "blackout_steps_ms": steps,
     }
     progress.result = leg
     return leg
@@ -257,6 +267,7 @@ async def receive_vm(ch: Channel, inc: Incoming) -> None:
     slot: VfSlot | None = None
     mem: GuestMemory | None = None
     vm: Vm | None = None
+    receiver: PrecopyReceiver | None = None
     committed = False
     try:
         hello = await ch.recv(REPLY_TIMEOUT)
@@ -293,28 +304,31 @@ async def receive_vm(ch: Channel, inc: Incoming) -> None:
             if t in (MsgType.LBA_DATA, MsgType.LBA_DEALLOCATE, MsgType.RAM_DATA):
                 await receiver.apply(msg)
                 progress.bytes_lba, progress.bytes_ram = receiver.bytes_lba, receiver.bytes_ram
-            elif t is MsgType.PASS_END:
+                continue
+            await receiver.flush()  # control messages see every byte before them applied
+            if t is MsgType.PASS_END:
                 progress.pass_no = int(msg.body["pass"])  # type: ignore[index]
                 await ch.send(control(MsgType.PASS_ACK, **{"pass": progress.pass_no}))
             elif t is MsgType.SWITCHOVER:
                 progress.phase = "preparing"
                 b: dict = msg.body  # type: ignore[assignment]
                 try:
-                    vm = await asyncio.to_thread(switchover.prepare, node, slot, mem, b["controller_state"],
-                                                 b["vm_state"], b.get("ram_crc"), b.get("lba_digest"))
+                    vm, laps = await asyncio.to_thread(switchover.prepare, node, slot, mem, b["controller_state"],
+                                                       b["vm_state"], b.get("ram_crc"), b.get("lba_digest"))
                 except Exception as e:
                     await ch.send(control(MsgType.FAILED, reason=f"{type(e).__name__}: {e}"[:500]))
                     raise
-                await ch.send(control(MsgType.PREPARED))
+                await ch.send(control(MsgType.PREPARED, laps=laps))
             elif t is MsgType.COMMIT:
                 assert vm is not None
                 committed = True  # the source will not resume: run the VM whatever happens next
-                t_resume = await asyncio.to_thread(switchover.resume, node, slot, vm)
+                t_resume, laps = await asyncio.to_thread(switchover.resume, node, slot, vm)
                 inc.adopt(HostedVm(vm, slot, spec, template, rate))
                 progress.phase = "running here"
-                await ch.send(control(MsgType.COMMITTED, t_resume_ns=t_resume))
+                await ch.send(control(MsgType.COMMITTED, t_resume_ns=t_resume, laps=laps))
             elif t is MsgType.DONE:
                 progress.phase = "done"
+                receiver.close()
                 return
             elif t is MsgType.ABORT:
                 raise MigrationFailed(f"source aborted: {msg.body.get('reason')}")  # type: ignore[union-attr]
@@ -323,6 +337,9 @@ async def receive_vm(ch: Channel, inc: Incoming) -> None:
     except Exception as e:
         if progress.error is None:
             progress.error = f"{type(e).__name__}: {e}"
+        if receiver is not None:
+            receiver.close()
+            receiver = None
         if not committed:
             progress.phase = "aborted (nothing kept)"
             if vm is not None:

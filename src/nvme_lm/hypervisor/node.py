@@ -528,6 +528,16 @@ class Node:
             raise ValueError(f"{data.nbytes} bytes is not a whole number of {lba}-byte LBAs")
         self._transfer(IoOpcode.WRITE, nsid, lba, self._commands([(slba, data.nbytes // lba)], lba), data)
 
+    def write_ranges(self, nsid: int, ranges: list[tuple[int, int]], data: memoryview) -> None:
+        """Writes the (slba, nlb) ranges from `data`, where they lie back to back (read_lbas' mirror):
+        scattered changes go out as one batch of commands, many in flight."""
+        lba = self.lba_size(nsid)
+        data = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+        total = sum(n for _, n in ranges) * lba
+        if data.nbytes != total:
+            raise ValueError(f"data holds {data.nbytes} bytes, the ranges {total}")
+        self._transfer(IoOpcode.WRITE, nsid, lba, self._commands(ranges, lba), data)
+
     def _commands(self, ranges: list[tuple[int, int]], lba: int) -> Iterator[tuple[int, int, int]]:
         """(slba, nlb, byte offset in the buffer) of each command: at most one copy chunk each."""
         step = self.copy_chunk // lba

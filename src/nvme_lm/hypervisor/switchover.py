@@ -26,6 +26,19 @@ from nvme_lm.vm.machine import Vm
 from nvme_lm.vm.memory import GuestMemory
 
 
+class Laps:
+    """Named durations of the blackout's steps (ms), for the report: where the pause goes."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.monotonic_ns()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic_ns()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self._t) / 1e6
+        self._t = now
+
+
 @dataclass
 class Captured:
     controller_state: bytes
@@ -36,6 +49,7 @@ class Captured:
     lba_digest: list[int] | None
     final: PassRecord
     tracking_problems: list[str]
+    laps: dict[str, float]
 
 
 def unfetched_commands(controller_state: bytes) -> int:
@@ -77,31 +91,42 @@ async def capture(rb: SourceRollback, tracker: ChangeTracker, sender: PrecopySen
     last pass found changed and has not sent yet."""
     node, slot, vm = rb.node, rb.slot, rb.vm
     t_pause = await asyncio.to_thread(vm.pause)
+    laps = Laps()
     rb.paused = True
     rec = PassRecord(pass_no, "final", t_pause)
     await asyncio.to_thread(hm.suspend_controller, node.pf, slot.cntlid)
     rb.suspended = True
+    laps.lap("suspend")
     ranges, overflow, _ = await asyncio.to_thread(tracker.lba_changes)
     if overflow:  # the UDMQ filled up at the very end: everything that may hold data goes again
         ranges = await asyncio.to_thread(node.allocated_ranges, slot)
     ranges = merge_ranges(ranges + pending_ranges)
     pages, _ = await asyncio.to_thread(tracker.ram_changes)
     pages = np.union1d(pages, pending_pages)
+    laps.lap("last changes")
     rec.lba_bytes = await sender.send_lbas(ranges)
+    laps.lap("send LBAs")
     rec.ram_bytes = await sender.send_pages(pages, paused=True)
+    laps.lap("send RAM")
     problems = await asyncio.to_thread(tracker.stop)
     rb.tracker = None
+    laps.lap("stop tracking")
     state, _csup = await asyncio.to_thread(hm.read_state, node.pf, slot.cntlid)
+    laps.lap("controller state")
     vm_state = vm.state()
+    laps.lap("VM state")
     crc = ram_checksum(vm.mem) if verify_ram else None
     digest = await asyncio.to_thread(namespace_digest, node, slot) if verify_lbas else None
+    laps.lap("verify digests")
     rec.finish(0)
-    return Captured(state, vm_state, t_pause, unfetched_commands(state), crc, digest, rec, problems)
+    return Captured(state, vm_state, t_pause, unfetched_commands(state), crc, digest, rec, problems, laps.ms)
 
 
 def prepare(node: Node, slot: VfSlot, mem: GuestMemory, controller_state: bytes, vm_state: bytes,
-            ram_crc: int | None = None, lba_digest: list[int] | None = None) -> Vm:
-    """Destination: everything but the resume. Blocking (PF admin commands): run in a worker thread."""
+            ram_crc: int | None = None, lba_digest: list[int] | None = None) -> tuple[Vm, dict[str, float]]:
+    """Destination: everything but the resume; returns the VM and the steps' durations. Blocking (PF
+    admin commands): run in a worker thread."""
+    laps = Laps()
     if ram_crc is not None and ram_checksum(mem) != ram_crc:
         raise ValueError("guest RAM checksum differs from the source's after the final delta")
     if lba_digest is not None:
@@ -109,13 +134,21 @@ def prepare(node: Node, slot: VfSlot, mem: GuestMemory, controller_state: bytes,
         bad = [i for i, (a, b) in enumerate(zip(mine, lba_digest, strict=False)) if a != b]
         if bad or len(mine) != len(lba_digest):
             raise ValueError(f"namespace differs from the source's at switchover in 8 MiB pieces {bad[:10]}")
+    laps.lap("destination verify digests")
     node.restore_pci(slot)  # bus mastering first: Set Controller State checks the queues' memory by DMA
     hm.write_state(node.pf, slot.cntlid, controller_state)
-    return Vm.restore(vm_state, mem, slot.fn)
+    laps.lap("set controller state")
+    vm = Vm.restore(vm_state, mem, slot.fn)
+    laps.lap("VM restore")
+    return vm, laps.ms
 
 
-def resume(node: Node, slot: VfSlot, vm: Vm) -> int:
+def resume(node: Node, slot: VfSlot, vm: Vm) -> tuple[int, dict[str, float]]:
     """Destination, after the source committed: the VF and then the vCPUs run. Returns the resume time."""
+    laps = Laps()
     hm.resume_controller(node.pf, slot.cntlid)
+    laps.lap("resume VF")
+    t_resume = time.monotonic_ns()  # the vCPUs run from here (their threads start now)
     vm.start()
-    return time.monotonic_ns()
+    laps.lap("start vCPUs")
+    return t_resume, laps.ms
