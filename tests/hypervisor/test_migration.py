@@ -153,3 +153,20 @@ def test_a_destination_failing_at_switchover_leaves_the_vm_running_at_the_source
             await asyncio.sleep(0.2)
             assert_clean(await finish(b, [leg2]))
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x93garbage", b"\x81\xa1v\x02"])  # empty, not msgpack, wrong version
+def test_a_bad_vm_state_is_refused_and_the_vm_goes_on_at_the_source(tmp_path, blob):
+    async def run():
+        async with agents(tmp_path) as (a, b):
+            await a.create_vm({"spec": SPEC.to_dict()})
+            await asyncio.sleep(0.3)
+            a.hosted.vm.state = lambda: blob  # what a broken or hostile source would send
+            leg = await migrate(a, b)
+            assert not leg["ok"] and "VM state" in leg["error"], leg["error"]
+            assert a.hosted.vm.running and not a.hosted.vm.gate.paused
+            assert not b.node._busy_vfs() and b.hosted is None
+            del a.hosted.vm.state
+            await asyncio.sleep(0.3)
+            assert_clean(await finish(a, []))
+    asyncio.run(run())

@@ -33,6 +33,7 @@ from nvme_lm.vm.workload import VcpuStopped, Workload, WorkloadConfig
 GUEST_BASE = 0x1000_0000  # guest-physical address of the first byte of RAM
 VM_STATE_VERSION = 1
 AER_TAG = "aer"
+FOLD_EVERY_S = 0.5
 _FILL_SEED = 0x5EED
 
 
@@ -137,10 +138,14 @@ class PauseGate:
                 if not self._paused and not self._stopped:
                     self._cond.wait(min(left, 0.05))
 
-    def pause(self, timeout: float = 10.0) -> None:
+    def pause(self, timeout: float = 10.0, wake: Callable[[], None] | None = None) -> None:
+        """Parks every member; `wake` nudges members blocked elsewhere (waiting for completions)."""
         with self._cond:
             self._paused = True
             self._cond.notify_all()
+        if wake is not None:
+            wake()
+        with self._cond:
             deadline = time.monotonic() + timeout
             while self._parked < self._members:
                 left = deadline - time.monotonic()
@@ -301,6 +306,7 @@ class Vm:
         """Identity checks every identity_check_s, async events, and the RAM writer."""
         assert self.verifier is not None
         next_check = time.monotonic() + self.spec.identity_check_s
+        next_fold = time.monotonic() + FOLD_EVERY_S
         rate_pages = self.spec.ram_dirty_mib_s * (1 << 20) / self.mem.page_size
         last = time.monotonic()
         owed = 0.0
@@ -317,6 +323,9 @@ class Vm:
                         self._ram_gen[idx] += 1
                         self._stamp_pages(idx)
                 last = now
+                if now >= next_fold and self.timeline is not None:
+                    next_fold = now + FOLD_EVERY_S
+                    self.timeline.fold()  # here, so that no vCPU thread ever stalls folding
                 if now >= next_check:
                     next_check = now + self.spec.identity_check_s
                     self.verifier.check()
@@ -345,8 +354,14 @@ class Vm:
 
     def pause(self, timeout: float = 10.0) -> int:
         """Stops the vCPUs at their gates; returns the pause time (guest clock, ns)."""
-        self.gate.pause(timeout)
+        if self.timeline is not None:
+            self.timeline.fold()  # while still running: keeps state() short in the blackout
+        self.gate.pause(timeout, wake=self._wake_vcpus)
         return time.monotonic_ns()
+
+    def _wake_vcpus(self) -> None:
+        for w in self.workloads:
+            w.wake()
 
     def resume(self) -> None:
         self.gate.resume()
@@ -445,21 +460,22 @@ class Vm:
         errors = sum(s.errors for s in stats)
         timeouts = sum(s.timeouts for s in stats)
         spurious = self.driver.spurious_completions if self.driver is not None else 0
-        failures = [f for s in stats for f in s.verify_failures]
+        failures = [f for s in stats for f in s.verify_failures]  # examples (the first ones of each)
+        fatal = self.counters.fatal + [f"vCPU {i}: {s.fatal}" for i, s in enumerate(stats) if s.fatal]
         elapsed = (time.monotonic_ns() - self.t0_ns) / 1e9 if self.t0_ns else 0.0
         ios = sum(s.ios for s in stats)
         return {
             "ios": ios, "reads": sum(s.reads for s in stats), "writes": sum(s.writes for s in stats),
-            "trims": sum(getattr(s, "trims", 0) for s in stats),
-            "errors": errors + (verifier.errors if verifier else 0) + len(self.counters.fatal),
+            "trims": sum(s.trims for s in stats),
+            "errors": errors + (verifier.errors if verifier else 0) + len(fatal),
             "timeouts": timeouts, "spurious_completions": spurious,
             "identity_checks": verifier.checks if verifier else 0,
             "identity_changes": verifier.changes if verifier else 0,
             "verified_reads": sum(s.verified_reads for s in stats),
-            "verified_blocks": sum(getattr(s, "verified_blocks", 0) for s in stats),
-            "verify_failures": len(failures) + self.counters.ram_verify_failures,
+            "verified_blocks": sum(s.verified_blocks for s in stats),
+            "verify_failures": sum(s.verify_failure_count for s in stats) + self.counters.ram_verify_failures,
             "verify_failure_examples": [f"LBA {f.lba} gen {f.expected_generation}: {f.reason}" for f in failures[:10]]
-            + self.counters.fatal[:10],
+            + fatal[:10] + (verifier.last[:5] if verifier and verifier.changes else []),
             "ram_pages_written": self.counters.ram_pages_written,
             "ram_verify_failures": self.counters.ram_verify_failures,
             "async_events": self.counters.async_events,
