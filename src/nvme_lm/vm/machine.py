@@ -200,6 +200,7 @@ class Vm:
         self._ram_rng = np.random.default_rng(spec.seed)
         self.t0_ns = 0
         self.running = False
+        self.arrived = False  # restored from a migration (not booted here)
 
     # ------------------------------------------------------------------ boot on this host
     @classmethod
@@ -305,7 +306,8 @@ class Vm:
     def _guest_kernel(self) -> None:
         """Identity checks every identity_check_s, async events, and the RAM writer."""
         assert self.verifier is not None
-        next_check = time.monotonic() + self.spec.identity_check_s
+        # a VM that just arrived by migration checks its identity at once, then periodically
+        next_check = time.monotonic() + (0.0 if self.arrived else self.spec.identity_check_s)
         next_fold = time.monotonic() + FOLD_EVERY_S
         rate_pages = self.spec.ram_dirty_mib_s * (1 << 20) / self.mem.page_size
         last = time.monotonic()
@@ -423,6 +425,7 @@ class Vm:
             raise ValueError(f"VM state version {s.get('v') if isinstance(s, dict) else None!r} "
                              f"is not {VM_STATE_VERSION}")
         vm = cls(VmSpec.from_dict(s["spec"]), mem)
+        vm.arrived = True
         if mem.size != vm.spec.memory_bytes or mem.base != GUEST_BASE:
             raise ValueError("guest memory does not match the VM's size and base")
         vm.t0_ns = s["t0_ns"]
