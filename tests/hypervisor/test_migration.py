@@ -49,6 +49,16 @@ async def finish(agent: Agent, legs: list[dict]) -> dict:
     return await agent.shutdown_vm({"windows": windows})
 
 
+async def nothing_left(agent: Agent, timeout: float = 10.0) -> bool:
+    """The destination cleans up after it answered: wait (bounded) until it holds no VF and no VM."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while agent.node._busy_vfs() or agent.hosted is not None:
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def assert_clean(rep: dict) -> None:
     assert rep["errors"] == 0 and rep["timeouts"] == 0 and rep["spurious_completions"] == 0, rep
     assert rep["identity_changes"] == 0 and rep["identity_checks"] > 0
@@ -110,7 +120,7 @@ def test_a_destination_that_cannot_host_the_vm_refuses_before_copying(tmp_path):
             leg = await migrate(a, b)
             assert not leg["ok"] and "refused" in leg["error"] and leg["bytes_lba"] == 0
             assert a.hosted is not None and a.hosted.vm.running and not a.hosted.vm.gate.paused
-            assert not b.node._busy_vfs()
+            assert await nothing_left(b)
             await asyncio.sleep(0.3)
             assert_clean(await finish(a, []))
     asyncio.run(run())
@@ -146,7 +156,7 @@ def test_a_destination_failing_at_switchover_leaves_the_vm_running_at_the_source
             before = vm.report()["ios"]
             await asyncio.sleep(0.3)
             assert vm.report()["ios"] > before  # the guest kept going at the source
-            assert not b.node._busy_vfs() and b.hosted is None
+            assert await nothing_left(b)
             monkeypatch.undo()
             leg2 = await migrate(a, b)  # and a new migration afterwards succeeds
             assert leg2["ok"], leg2["error"]
@@ -165,7 +175,7 @@ def test_a_bad_vm_state_is_refused_and_the_vm_goes_on_at_the_source(tmp_path, bl
             leg = await migrate(a, b)
             assert not leg["ok"] and "VM state" in leg["error"], leg["error"]
             assert a.hosted.vm.running and not a.hosted.vm.gate.paused
-            assert not b.node._busy_vfs() and b.hosted is None
+            assert await nothing_left(b)
             del a.hosted.vm.state
             await asyncio.sleep(0.3)
             assert_clean(await finish(a, []))

@@ -167,7 +167,8 @@ def test_state_is_plain_versioned_data(ioq, mem, ns1):
     ios = w.stats.ios
     assert ios > 0
     st = w.state()
-    assert st["v"] == 1 and isinstance(st["generations"], bytes) and isinstance(st["zeroed"], bytes)
+    assert st["v"] == 2 and "generations" not in st  # per-block bookkeeping is in guest memory, at st["book"]
+    assert isinstance(st["book"], int) and mem.base <= st["book"] < mem.base + mem.size
     back = wire(st)
     assert back == st | {"unknown": list(st["unknown"])}
     assert st["qid"] == 1  # which queue it drives: the VM restores it on the same one
@@ -177,4 +178,23 @@ def test_state_is_plain_versioned_data(ioq, mem, ns1):
         Workload.restore(ioq, mem, st | {"qid": 2})
     w2 = Workload.restore(ioq, mem, back)
     assert w2.cfg == w.cfg and w2._bufs == w._bufs  # buffers are not reallocated: they are in guest memory
-    assert w2.generations == w.generations and w2.stats.ios == ios and w2.inflight == w.inflight
+    assert w2._book == w._book and w2.generations.tolist() == w.generations.tolist()
+    assert w2.stats.ios == ios and w2.inflight == w.inflight
+
+
+def test_bookkeeping_writes_are_cpu_writes_in_the_dirty_log(ioq, mem, ns1):
+    """The expected generation of every block is guest data: a pre-copy must resend what completions change."""
+    w = make(ioq, mem, ns1, pattern="randwrite", nblocks=4096)
+    book_first = (w._book - mem.base) // mem.page_size
+    book_pages = set(range(book_first, book_first + -(-9 * 4096 // mem.page_size)))
+    mem.log_dirty = True
+    mem.take_dirty()
+    w.run(ios=200)
+    dirty = set(mem.take_dirty().tolist())
+    written = {b for b in range(4096) if w.generations[b]}
+    assert written
+    want = {book_first + (8 * b) // mem.page_size for b in written}  # each written block's generation page
+    want |= {book_first + (8 * 4096 + b) // mem.page_size for b in written}  # and its trim-map page
+    assert want <= dirty and want <= book_pages
+    mem.log_dirty = False
+    w.close()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,8 @@ class Agent:
         if problems:
             raise AgentError("this host cannot run the VM: " + "; ".join(problems))
         slot = node.provision(req)
-        mem = Vm.create_memory(spec)
         try:
+            mem = Vm.create_memory(spec)
             node.map_guest(slot, mem)
             if rate:
                 node.set_rate_limit(slot, rate)
@@ -276,6 +277,10 @@ class Agent:
         await receive_vm(ch, Incoming(self.node, admit, adopt, progress))
 
 
+GIL_SWITCH_S = 0.0005  # device engines, vCPUs and the event loop hand the GIL over often: short turns
+
+
 def serve(cfg: AgentConfig) -> None:
     """`nvme-lm host serve`: runs until SIGTERM/SIGINT or vmm.shutdown."""
+    sys.setswitchinterval(GIL_SWITCH_S)
     asyncio.run(Agent(cfg).run())

@@ -37,7 +37,6 @@ import struct
 import threading
 import time
 import zlib
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,7 +60,7 @@ HEADER_SIZE = HEADER.size
 DSM_RANGE = struct.Struct("<IIQ")  # Dataset Management range: context attributes, NLB, SLBA
 DSM_AD = 1 << 2  # CDW11 of Dataset Management: attribute deallocate
 WZ_DEAC = 1 << 25  # CDW12 of Write Zeroes: deallocate
-WORKLOAD_STATE_VERSION = 1
+WORKLOAD_STATE_VERSION = 2  # 2: per-block bookkeeping in guest memory ("book")
 PATTERNS = ("randread", "randwrite", "randrw", "write", "trim")
 TRIM_OPS = ("dsm", "write_zeroes")
 MAX_FAILURE_EXAMPLES = 1000  # verify failures kept in full; all of them are counted
@@ -297,20 +296,24 @@ class Workload:
 
     def __init__(self, queue: IoQueue, mem: DmaMemory, config: WorkloadConfig, *,
                  timeline: Timeline | None = None) -> None:
-        self._setup(queue, mem, config, timeline, pool_seed=None, bufs=None)
+        self._setup(queue, mem, config, timeline, pool_seed=None, bufs=None, book=None)
 
     def _setup(self, queue: IoQueue, mem: DmaMemory, config: WorkloadConfig, timeline: Timeline | None,
-               pool_seed: int | None, bufs: list[int] | None) -> None:
+               pool_seed: int | None, bufs: list[int] | None, book: int | None) -> None:
         self.queue = queue
         self.qp = queue.qp
         self.mem = mem
         self.cfg = cfg = config
         self.timeline = timeline
         n, qd, bs = cfg.nblocks, cfg.qd, cfg.block_size
-        self.generations = array("Q", bytes(8 * n))  # last generation written per block (monotonic)
-        self.zeroed = bytearray(n)  # 1: trimmed since its last write, must read as zeroes
+        # The per-block bookkeeping lives in guest memory, as an application's data would: it moves with
+        # the VM's RAM (pre-copy sends the pages its completions dirty), not in the VM state.
+        self._book = book if book is not None else mem.alloc(9 * n)
+        gen_view = mem.view(self._book, 8 * n)
+        self.generations = gen_view.cast("Q")  # last generation written per block (monotonic)
+        self.zeroed = mem.view(self._book + 8 * n, n)  # 1: trimmed since its last write, must read as zeroes
         self.unknown: set[int] = set()  # blocks whose content is uncertain after a failed write or trim
-        self._gen_np = np.frombuffer(self.generations, dtype=np.uint64)
+        self._gen_np = np.frombuffer(gen_view, dtype=np.uint64)
         self._zero_np = np.frombuffer(self.zeroed, dtype=np.uint8)
         self.pool_seed = pool_seed if pool_seed is not None else (
             cfg.seed if cfg.seed is not None else secrets.randbits(63))
@@ -349,6 +352,13 @@ class Workload:
     def inflight(self) -> int:
         """Commands of the run engine in flight (outstanding at the controller or not yet reaped)."""
         return self.cfg.qd - len(self._free)
+
+    def _touched(self, first: int, k: int) -> None:
+        """CPU writes to the bookkeeping of blocks [first, first + k): logged as dirty guest pages."""
+        mark = self._mark_dirty
+        if mark is not None:
+            mark(self._book + 8 * first, 8 * k)
+            mark(self._book + 8 * self.cfg.nblocks + first, k)
 
     def callback_for(self, tag: object) -> Callback:
         """The completion callback of slot `tag` (what `NvmeDriver.bind` needs after a restore)."""
@@ -420,6 +430,10 @@ class Workload:
         for addr in self._bufs:
             self.mem.free(addr)
         self._bufs = []
+        if self._book is not None:
+            self.generations.release()
+            self.mem.free(self._book)
+            self._book = None
 
     def __enter__(self) -> Workload:
         return self
@@ -435,8 +449,8 @@ class Workload:
         slots = [[s, self._slot_block[s], self._slot_gen[s], self._slot_kind[s], self._slot_start[s]]
                  for s in range(self.cfg.qd) if s not in free]
         return {"v": WORKLOAD_STATE_VERSION, "qid": self.qp.qid, "config": dataclasses.asdict(self.cfg),
-                "pool_seed": self.pool_seed, "bufs": list(self._bufs), "generations": self.generations.tobytes(),
-                "zeroed": bytes(self.zeroed), "unknown": sorted(self.unknown), "slots": slots,
+                "pool_seed": self.pool_seed, "bufs": list(self._bufs), "book": self._book,
+                "unknown": sorted(self.unknown), "slots": slots,
                 "free": list(self._free),
                 "origin": self._origin if self.cfg.pattern == "write" else json.dumps(self._origin),
                 "pos": self._pos, "stats": self.stats.counters()}
@@ -452,9 +466,7 @@ class Workload:
             raise ValueError(f"workload state is for I/O queue {state['qid']}, not {queue.qid}")
         w = cls.__new__(cls)
         w._setup(queue, mem, WorkloadConfig(**state["config"]), timeline, pool_seed=state["pool_seed"],
-                 bufs=[int(a) for a in state["bufs"]])
-        w.generations[:] = array("Q", state["generations"])
-        w.zeroed[:] = state["zeroed"]
+                 bufs=[int(a) for a in state["bufs"]], book=int(state["book"]))
         w.unknown = {int(b) for b in state["unknown"]}
         for s, block, gen, kind, start in state["slots"]:
             w._slot_block[s], w._slot_gen[s], w._slot_kind[s], w._slot_start[s] = block, gen, kind, start
@@ -662,9 +674,11 @@ class Workload:
         elif kind == WRITE:
             self.generations[block] = self._slot_gen[slot]
             self.zeroed[block] = 0
+            self._touched(block, 1)
             self.unknown.discard(block)
         elif kind == TRIM:
             self.zeroed[block] = 1
+            self._touched(block, 1)
             self.unknown.discard(block)
         elif self.cfg.verify and block not in self.unknown:
             lba = self.lba_of(block)
@@ -713,6 +727,7 @@ class Workload:
             elif write:
                 self._gen_np[first : first + k] += np.uint64(1)
                 self._zero_np[first : first + k] = 0
+                self._touched(first, k)
                 self.unknown.difference_update(range(first, first + k))
             elif cfg.verify:
                 self._check_span(mem.view(bufs[i], k * bs), first, k, stats)
