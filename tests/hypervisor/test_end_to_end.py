@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import signal
 import ssl
 import subprocess
@@ -81,9 +82,24 @@ def agent_pids(workdir: Path) -> list[int]:
     return found
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          stdin=subprocess.DEVNULL)
+def run_cli(*args: str, workdir: Path, timeout: float = 100) -> subprocess.CompletedProcess[str]:
+    """`nvme-lm ARGS` in its own process group, so that a hung run is killed with the agents it started;
+    agents of `workdir` still alive afterwards are killed (by pid) and fail the test."""
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"nvme-lm {' '.join(args)} did not finish in {timeout:.0f} s:\n{err[-3000:]}")
+    finally:
+        left = agent_pids(workdir)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == [], f"host agents left running: {left}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_guest_clean(g: dict[str, Any], sc: Scenario) -> None:
@@ -196,7 +212,8 @@ def test_nvme_lm_migrate_json_report_and_plot(tmp_path):
     sc = load_scenario(SMALL)
     assert sc.migration.verify_ram and sc.migration.verify_lbas
     workdir, png = tmp_path / "run", tmp_path / "timeline.png"
-    proc = run_cli("migrate", "--scenario", str(SMALL), "--json", "--plot", str(png), "--workdir", str(workdir))
+    proc = run_cli("migrate", "--scenario", str(SMALL), "--json", "--plot", str(png), "--workdir", str(workdir),
+                   workdir=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert_report_clean(report, sc, [("a", "b")])
@@ -205,18 +222,17 @@ def test_nvme_lm_migrate_json_report_and_plot(tmp_path):
     assert report["allocated_bytes"] >= sc.prefill_bytes
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (workdir / "a.ready").exists() and (workdir / "b.ready").exists()  # both agents did run
-    assert agent_pids(workdir) == []
 
 
 def test_a_bad_scenario_is_refused_naming_every_key_and_starts_nothing(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\n[vm]\nmemroy_mib = 32\n[vm.workload]\niodepth = 0\n')
     workdir = tmp_path / "run"
-    proc = run_cli("migrate", "--scenario", str(bad), "--json", "--workdir", str(workdir), timeout=60)
+    proc = run_cli("migrate", "--scenario", str(bad), "--json", "--workdir", str(workdir), workdir=workdir)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "memroy_mib" in out and "iodepth" in out and "bad.toml" in out, out
-    assert not list(workdir.glob("*.ready")) and agent_pids(workdir) == []
+    assert not list(workdir.glob("*.ready"))  # no agent was started (run_cli checked none is left)
 
 
 # ------------------------------------------------------------------------------------------ the orchestrator
@@ -374,6 +390,7 @@ def test_a_peer_from_another_ca_cannot_open_a_migration_into_an_agent(tmp_path):
     async def run() -> None:
         async with cluster(tmp_path) as c:
             a, b = await asyncio.gather(c.start("a", "vendor-a"), c.start("b", "vendor-b"))
+            assert sorted(agent_pids(c.workdir)) == sorted(ag.proc.pid for ag in c.agents.values())
             await create_vm(a, sc)
             await b.put("vm.receive-migration", {"vm": sc.vm.name})
 
@@ -383,7 +400,7 @@ def test_a_peer_from_another_ca_cannot_open_a_migration_into_an_agent(tmp_path):
             rogue.load_verify_locations(cafile=str(c.pki_dir / "ca.pem"))  # trusts b: only b can refuse
             rogue.load_cert_chain(str(cert), str(key))
             host, _, port = b.agent.migrate.rpartition(":")
-            with pytest.raises(OSError):
+            with pytest.raises(OSError) as refused:
                 async with asyncio.timeout(20):
                     ch = await transport.connect(host, int(port), rogue, server_hostname="b")
                     try:
@@ -391,6 +408,8 @@ def test_a_peer_from_another_ca_cannot_open_a_migration_into_an_agent(tmp_path):
                         await ch.recv(10)  # TLS 1.3: the server's verdict on our certificate arrives here
                     finally:
                         await ch.close()
+            # refused by b (reset / TLS alert): not a timeout, and not our side distrusting b
+            assert not isinstance(refused.value, TimeoutError | ssl.SSLCertVerificationError), refused.value
 
             info = await b.get("vm.info")
             assert info["vm"] is None and info["expecting"] == sc.vm.name, info

@@ -234,8 +234,9 @@ class Node:
     def _busy_vfs(self) -> set[int]:
         """CNTLIDs associated with any exported subsystem (persisted ones included)."""
         busy: set[int] = set()
-        for e in hx.list_subsystems(self.pf):
-            busy.update(hx.underlying_controllers(self.pf, e.esubid))
+        with self._mgmt:  # a release deleting a subsystem between the two commands is not a failure
+            for e in hx.list_subsystems(self.pf):
+                busy.update(hx.underlying_controllers(self.pf, e.esubid))
         return busy
 
     def _free_vf(self) -> SecondaryControllerEntry | None:
