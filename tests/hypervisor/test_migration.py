@@ -180,3 +180,27 @@ def test_a_bad_vm_state_is_refused_and_the_vm_goes_on_at_the_source(tmp_path, bl
             await asyncio.sleep(0.3)
             assert_clean(await finish(a, []))
     asyncio.run(run())
+
+
+def test_a_cancelled_migration_rolls_back_and_a_new_one_succeeds(tmp_path):
+    async def run():
+        async with agents(tmp_path) as (a, b):
+            await a.create_vm({"spec": SPEC.to_dict()})
+            await asyncio.sleep(0.3)
+            b.expect({"vm": "vm1"})
+            await a.send_migration({"destination": b.migrate_addr, "server_name": "b", "options": OPTS})
+            while not a.migration.passes:  # cancel during pre-copy
+                await asyncio.sleep(0.005)
+            a.cancel_migration()
+            leg = await a._task
+            assert not leg["ok"] and leg["error"] == "cancelled"
+            vm = a.hosted.vm
+            assert vm.running and not vm.gate.paused and not vm.mem.log_dirty
+            assert await nothing_left(b)
+            with pytest.raises(AgentError):
+                a.cancel_migration()  # nothing to cancel any more
+            leg2 = await migrate(a, b)
+            assert leg2["ok"], leg2["error"]  # no UDMQ or tracking was left behind on the source
+            await asyncio.sleep(0.2)
+            assert_clean(await finish(b, [leg2]))
+    asyncio.run(run())

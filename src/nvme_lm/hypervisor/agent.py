@@ -21,6 +21,8 @@ from typing import Any
 
 from nvme_lm.hypervisor import certs, transport
 from nvme_lm.hypervisor.migration import (
+    NO_FAULTS,
+    FaultHooks,
     HostedVm,
     Incoming,
     MigrationOptions,
@@ -75,6 +77,7 @@ class Agent:
         self._pki: certs.Pki | None = None
         self.control_addr = ""
         self.migrate_addr = ""
+        self.hooks: FaultHooks = NO_FAULTS  # fault injection (issue 6): where migrations fail on purpose
         self._server: asyncio.Server | None = None
         self._runner: Any = None
 
@@ -214,8 +217,17 @@ class Agent:
         def committed() -> None:
             self.hosted = None
 
-        self._task = asyncio.create_task(send_vm(h, self.node, connect, opts, progress, committed))
+        self._task = asyncio.create_task(send_vm(h, self.node, connect, opts, progress, committed, self.hooks))
         return {"started": True}
+
+    def cancel_migration(self) -> dict[str, Any]:
+        """Stops the outgoing migration if it has not committed: the VM goes on here, nothing is kept there."""
+        if self._task is None or self._task.done() or self.migration is None:
+            raise AgentError("no migration is under way", 404)
+        if self.migration.committed:
+            raise AgentError("the migration committed: the VM belongs to the destination now")
+        self._task.cancel()
+        return {"cancelling": True}
 
     def migration_status(self) -> dict[str, Any]:
         if self.migration is None:
@@ -274,7 +286,7 @@ class Agent:
             self.expecting = None
             self.migration_t0 = h.vm.t0_ns
 
-        await receive_vm(ch, Incoming(self.node, admit, adopt, progress))
+        await receive_vm(ch, Incoming(self.node, admit, adopt, progress), self.hooks)
 
 
 GIL_SWITCH_S = 0.0005  # device engines, vCPUs and the event loop hand the GIL over often: short turns

@@ -13,6 +13,7 @@ a 4xx status for requests the agent refuses and 500 for its own failures, never 
 | PUT | /api/v1/vm.receive-migration | {vm} | agent info (expects that VM) |
 | PUT | /api/v1/vm.send-migration | {destination, server_name, options} | {started} |
 | GET | /api/v1/vm.migration | | progress of the last migration |
+| PUT | /api/v1/vm.cancel-migration | | {cancelling} (refused once committed) |
 | PUT | /api/v1/vm.shutdown | {windows: [[start_ns, end_ns]...]} | the guest's final report |
 """
 
@@ -93,6 +94,9 @@ def build_app(agent: Agent) -> web.Application:
     async def migration(_r: web.Request) -> Any:
         return agent.migration_status()
 
+    async def cancel(_r: web.Request) -> Any:
+        return agent.cancel_migration()
+
     async def vm_shutdown(r: web.Request) -> Any:
         return await agent.shutdown_vm(await _body(r))
 
@@ -106,6 +110,7 @@ def build_app(agent: Agent) -> web.Application:
         web.put(API + "vm.receive-migration", _handler(receive)),
         web.put(API + "vm.send-migration", _handler(send)),
         web.get(API + "vm.migration", _handler(migration)),
+        web.put(API + "vm.cancel-migration", _handler(cancel)),
         web.put(API + "vm.shutdown", _handler(vm_shutdown)),
     ])
     return app

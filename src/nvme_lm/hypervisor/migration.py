@@ -33,6 +33,20 @@ from nvme_lm.vm.machine import Vm, VmSpec
 from nvme_lm.vm.memory import GuestMemory
 
 REPLY_TIMEOUT = 30.0  # a peer that says nothing for this long is gone
+SOURCE_POINTS = ("setup", "precopy", "stop-and-copy", "state-transfer", "resume")
+DESTINATION_POINTS = ("setup", "precopy", "state-transfer", "resume")
+
+
+class FaultHooks:
+    """Where a migration can be made to fail on purpose (issue 6's fault matrix). The engine awaits
+    `at(role, point)` at each phase boundary (SOURCE_POINTS / DESTINATION_POINTS); this default does
+    nothing. A hook may raise (a local failure), sleep, kill the process, or tell a proxy to cut the link."""
+
+    async def at(self, role: str, point: str) -> None:
+        return None
+
+
+NO_FAULTS = FaultHooks()
 
 
 class MigrationFailed(RuntimeError):
@@ -88,6 +102,7 @@ class Progress:
     passes: list[PassRecord] = field(default_factory=list)
     error: str | None = None
     result: dict[str, Any] | None = None
+    committed: bool = False  # past the point of no return: a cancel can no longer stop it
 
     def snapshot(self, t0_ns: int) -> dict[str, Any]:
         return {"role": self.role, "phase": self.phase, "pass": self.pass_no, "bytes_lba": self.bytes_lba,
@@ -113,9 +128,11 @@ async def _reply(ch: Channel, *want: MsgType) -> Message:
 
 # ============================================================================================ source
 async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[Channel]], opts: MigrationOptions,
-                  progress: Progress, on_committed: Callable[[], None]) -> dict[str, Any]:
+                  progress: Progress, on_committed: Callable[[], None],
+                  hooks: FaultHooks = NO_FAULTS) -> dict[str, Any]:
     """Moves `hosted` to the destination `connect()` reaches. Returns the leg's report; raises only for
-    programming errors (failures are in the report, with the VM running where it should)."""
+    programming errors (failures are in the report, with the VM running where it should). Cancelling
+    the task before the commit is a failure like any other: rolled back, reported."""
     vm, slot = hosted.vm, hosted.slot
     t_start = time.monotonic_ns()
     rb = SourceRollback(node, slot, vm)
@@ -135,6 +152,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
                                   template=hosted.template, exported_state=exported,
                                   device_rate_iops=hosted.device_rate_iops))
             await _reply(ch, MsgType.ACCEPT)
+            await hooks.at("source", "setup")
 
             progress.phase = "precopy"
             tracker = rb.tracker = ChangeTracker(node, slot, vm.mem)
@@ -165,6 +183,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
             all_pages = np.arange(vm.mem.npages, dtype=np.int64)
             rec = PassRecord(0, "full", time.monotonic_ns())
             ranges, pages = await one_pass(rec, allocated, all_pages, skip_zero=True)
+            await hooks.at("source", "precopy")
             pass_no = 1
             while True:
                 rate = rec.copy_rate_mib_s * (1 << 20)
@@ -177,30 +196,36 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
 
             progress.phase = "switchover"
             cap = await switchover.capture(rb, tracker, sender, pass_no, ranges, pages, verify_ram=opts.verify_ram,
-                                           verify_lbas=opts.verify_lbas)
+                                           verify_lbas=opts.verify_lbas,
+                                           after_suspend=lambda: hooks.at("source", "stop-and-copy"))
             progress.passes.append(cap.final)
             progress.bytes_lba, progress.bytes_ram = sender.bytes_lba, sender.bytes_ram
             steps = dict(cap.laps)
             t = time.monotonic_ns()
             await ch.send(control(MsgType.SWITCHOVER, controller_state=cap.controller_state, vm_state=cap.vm_state,
                                   t_pause_ns=cap.t_pause_ns, ram_crc=cap.ram_crc, lba_digest=cap.lba_digest))
+            await hooks.at("source", "state-transfer")
             prepared = await _reply(ch, MsgType.PREPARED)
             remote = dict(prepared.body.get("laps", {}))  # type: ignore[union-attr]
             steps["destination prepare"] = (time.monotonic_ns() - t) / 1e6
-            rb.committed = True  # the point of no return: from here the VM is the destination's
+            rb.committed = progress.committed = True  # the point of no return: the VM is the destination's
             t = time.monotonic_ns()
             await ch.send(control(MsgType.COMMIT))
+            await hooks.at("source", "resume")
             done = await _reply(ch, MsgType.COMMITTED)
             t_resume = int(done.body["t_resume_ns"])  # type: ignore[index]
             steps["commit and resume"] = (time.monotonic_ns() - t) / 1e6
             remote.update(done.body.get("laps", {}))  # type: ignore[union-attr]
             steps.update({f"  destination: {k}": v for k, v in remote.items()})
             progress.phase = "committed"
-    except (Exception, TimeoutError) as e:
+    except (Exception, TimeoutError, asyncio.CancelledError) as e:
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if isinstance(e, asyncio.CancelledError):
+            error = "cancelled"
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # handled: roll back, report
         if not rb.committed:
             progress.phase = "rolling back"
-            problems = await asyncio.to_thread(rb.roll_back)
+            problems = await asyncio.shield(asyncio.to_thread(rb.roll_back))
             if problems:
                 error += "; rollback left: " + "; ".join(problems)
             if ch is not None:
@@ -262,7 +287,7 @@ class Incoming:
     progress: Progress
 
 
-async def receive_vm(ch: Channel, inc: Incoming) -> None:
+async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) -> None:
     node, progress = inc.node, inc.progress
     slot: VfSlot | None = None
     mem: GuestMemory | None = None
@@ -295,6 +320,7 @@ async def receive_vm(ch: Channel, inc: Incoming) -> None:
         await asyncio.to_thread(hm.suspend_controller, node.pf, slot.cntlid)
         if rate:
             await asyncio.to_thread(node.set_rate_limit, slot, rate)
+        await hooks.at("destination", "setup")
         await ch.send(control(MsgType.ACCEPT))
         progress.phase = "receiving"
         receiver = PrecopyReceiver(node, slot, mem)
@@ -308,9 +334,12 @@ async def receive_vm(ch: Channel, inc: Incoming) -> None:
             await receiver.flush()  # control messages see every byte before them applied
             if t is MsgType.PASS_END:
                 progress.pass_no = int(msg.body["pass"])  # type: ignore[index]
+                if progress.pass_no == 0:
+                    await hooks.at("destination", "precopy")
                 await ch.send(control(MsgType.PASS_ACK, **{"pass": progress.pass_no}))
             elif t is MsgType.SWITCHOVER:
                 progress.phase = "preparing"
+                await hooks.at("destination", "state-transfer")
                 b: dict = msg.body  # type: ignore[assignment]
                 try:
                     vm, laps = await asyncio.to_thread(switchover.prepare, node, slot, mem, b["controller_state"],
@@ -322,6 +351,7 @@ async def receive_vm(ch: Channel, inc: Incoming) -> None:
             elif t is MsgType.COMMIT:
                 assert vm is not None
                 committed = True  # the source will not resume: run the VM whatever happens next
+                await hooks.at("destination", "resume")
                 t_resume, laps = await asyncio.to_thread(switchover.resume, node, slot, vm)
                 inc.adopt(HostedVm(vm, slot, spec, template, rate))
                 progress.phase = "running here"

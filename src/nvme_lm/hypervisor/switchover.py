@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import crc32c
@@ -86,7 +87,8 @@ def namespace_digest(node: Node, slot: VfSlot) -> list[int]:
 
 async def capture(rb: SourceRollback, tracker: ChangeTracker, sender: PrecopySender, pass_no: int,
                   pending_ranges: list[tuple[int, int]], pending_pages: np.ndarray, *,
-                  verify_ram: bool, verify_lbas: bool) -> Captured:
+                  verify_ram: bool, verify_lbas: bool,
+                  after_suspend: Callable[[], Awaitable[None]] | None = None) -> Captured:
     """Source side of the blackout, up to (not including) sending the state. `pending_*` is what the
     last pass found changed and has not sent yet."""
     node, slot, vm = rb.node, rb.slot, rb.vm
@@ -97,6 +99,8 @@ async def capture(rb: SourceRollback, tracker: ChangeTracker, sender: PrecopySen
     await asyncio.to_thread(hm.suspend_controller, node.pf, slot.cntlid)
     rb.suspended = True
     laps.lap("suspend")
+    if after_suspend is not None:
+        await after_suspend()
     ranges, overflow, _ = await asyncio.to_thread(tracker.lba_changes)
     if overflow:  # the UDMQ filled up at the very end: everything that may hold data goes again
         ranges = await asyncio.to_thread(node.allocated_ranges, slot)
