@@ -348,12 +348,18 @@ def test_control_api_refuses_bad_requests_precisely_and_keeps_serving(tmp_path):
                                  ("PUT", "vm.send-migration")):
                 await expect(method, path, 404, json={} if method == "PUT" else None)
             await expect("PUT", "vm.receive-migration", 400, json={})
-            # a VM whose boot fails after its VF was provisioned (RAM not a whole number of pages): more
-            # attempts than the SSD has VFs, each answered with a JSON error, and no VF is left behind
-            broken = {**vm_spec(sc).__dict__, "memory_bytes": (16 << 20) + 1}
-            for _ in range(9):
-                got, body = await _raw(s, "PUT", base + "vm.create", json={"spec": broken})
-                assert got >= 400 and "page size" in body["error"], (got, body)
+            # impossible VMs (RAM not a whole number of pages, wrong types, out of range): more attempts
+            # than the SSD has VFs, each refused with 400 naming the key, and no VF is left behind
+            spec = vm_spec(sc).__dict__
+            for key, value in (("memory_bytes", (16 << 20) + 1), ("memory_bytes", "lots"), ("iodepth", 100000),
+                               ("queues", 0), ("pattern", "randx"), ("rate_iops", -5), ("lba_size", 1000),
+                               ("block_size", 4097), ("hot_set", 0.0)):
+                got, body = await _raw(s, "PUT", base + "vm.create", json={"spec": {**spec, key: value}})
+                assert got == 400 and key in body["error"], (key, got, body)
+            got, body = await _raw(s, "PUT", base + "vm.create", json={"spec": "x"})
+            assert got == 400 and "mapping" in body["error"], body
+            await expect("GET", "no.such.call", 404)  # aiohttp's own refusals are JSON errors too
+            await expect("GET", "vm.create", 405)
             assert (await expect("GET", "vm.info", 200))["vm"] is None  # nothing was provisioned
 
             await create_vm(a, sc)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from itertools import pairwise
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as s
 
-from nvme_lm.hypervisor.policy import ConvergencePolicy
+from nvme_lm.hypervisor.policy import ConvergencePolicy, PassFigures, make_policy
 from nvme_lm.hypervisor.precopy import merge_ranges, page_runs, split_ranges
 
 
@@ -43,12 +44,53 @@ def test_split_ranges_respects_the_limit():
     assert split_ranges([(0, 10), (100, 3)], 4) == [(0, 4), (4, 4), (8, 2), (100, 3)]
 
 
-def test_policy_switches_when_the_rest_fits_the_target_or_the_budget_is_spent():
+MIB = 1 << 20
+
+
+def figures(pass_no=1, remaining=10 * MIB, copy=100 * MIB, lba=0.0, ram=0.0, elapsed=1.0, limit=None):
+    return PassFigures(pass_no, remaining, float(copy), float(lba), float(ram), elapsed, limit)
+
+
+def test_predictive_policy_switches_when_the_rest_fits_the_target_or_the_budget_is_spent():
     p = ConvergencePolicy(downtime_target_ms=50, max_passes=5)
-    rate = 100 << 20  # 100 MiB/s
-    assert p.switch_now(1, 4 << 20, rate)[0]  # 40 ms of data left
-    go, why = p.switch_now(1, 10 << 20, rate)  # 100 ms left
-    assert not go and "100.0 ms" in why
-    assert p.switch_now(4, 10 << 20, rate)[0]  # last pass allowed
-    assert not p.switch_now(1, 1, 0.0)[0]  # nothing measured yet: no basis to switch
-    assert p.switch_now(1, 0, 0.0)[0]  # nothing left
+    assert p.decide(figures(remaining=4 * MIB)).switch  # 40 ms of data left at 100 MiB/s
+    d = p.decide(figures(remaining=10 * MIB, lba=10 * MIB))  # 100 ms left, shrinking: go on
+    assert not d.switch and not d.give_up and "100 ms" in d.why
+    assert ConvergencePolicy(50, 5).decide(figures(pass_no=4, remaining=10 * MIB)).switch  # last pass
+    assert not ConvergencePolicy(50, 5, throttle=False).decide(figures(remaining=1, copy=0)).switch  # no rate yet
+    assert ConvergencePolicy(50, 5).decide(figures(remaining=0, copy=0)).switch  # nothing left
+
+
+def test_predictive_policy_throttles_writes_just_enough_and_keeps_a_limit_that_works():
+    p = ConvergencePolicy(downtime_target_ms=50, max_passes=20)
+    d = p.decide(figures(remaining=60 * MIB, copy=100 * MIB, lba=80 * MIB, ram=10 * MIB))
+    assert d.write_limit_mib_s == 40  # half the copy rate minus what RAM dirties: each pass halves the rest
+    d = p.decide(figures(remaining=30 * MIB, copy=100 * MIB, lba=35 * MIB, ram=10 * MIB, limit=40))
+    assert d.write_limit_mib_s == 40 and not d.switch  # converging under the limit: keep it
+    assert ConvergencePolicy(50, 20, throttle=False).decide(
+        figures(remaining=60 * MIB, lba=80 * MIB)).write_limit_mib_s is None  # throttling off
+
+
+def test_predictive_policy_gives_up_when_ram_alone_outruns_the_copy_or_time_runs_out():
+    p = ConvergencePolicy(downtime_target_ms=50, max_passes=50)
+    for i in range(5):  # RAM dirtied at the copy rate: no write limit can help, and the rest does not shrink
+        d = p.decide(figures(pass_no=i, remaining=60 * MIB, copy=100 * MIB, ram=100 * MIB))
+    assert d.give_up and "RAM" in d.why
+    late = ConvergencePolicy(50, 50, give_up_s=10).decide(figures(remaining=60 * MIB, lba=10 * MIB, elapsed=11))
+    assert late.give_up and "10 s" in late.why
+
+
+def test_simple_policies_behave_as_their_users_know():
+    fixed = make_policy("fixed", downtime_target_ms=50, max_passes=3)
+    assert not fixed.decide(figures(pass_no=1, remaining=0)).switch  # even with nothing left it waits
+    assert fixed.decide(figures(pass_no=2)).switch
+    auto = make_policy("auto-converge", downtime_target_ms=50, max_passes=10)
+    first = auto.decide(figures(remaining=60 * MIB, lba=50 * MIB))
+    second = auto.decide(figures(remaining=60 * MIB, lba=40 * MIB, limit=first.write_limit_mib_s))
+    assert (first.write_limit_mib_s, second.write_limit_mib_s) == (40, 35)  # 20%, then 30% off 50 MiB/s
+    lm = make_policy("local-minimum", downtime_target_ms=50, max_passes=10)
+    assert not lm.decide(figures(remaining=60 * MIB)).switch
+    assert not lm.decide(figures(remaining=40 * MIB)).switch
+    assert lm.decide(figures(remaining=45 * MIB)).switch  # the rest grew: that was the minimum
+    with pytest.raises(ValueError, match="predictive"):
+        make_policy("magic", downtime_target_ms=1, max_passes=1)

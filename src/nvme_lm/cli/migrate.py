@@ -69,7 +69,9 @@ class _Live:
                             info=f"{data['phase']}, pass {data['pass']}, {moved / (1 << 20):,.1f} MiB moved")
 
 
-def run_and_report(scenario_path: str | None, as_json: bool, plot_path: str | None, workdir: str | None) -> None:
+def run_and_report(scenario_path: str | None, as_json: bool, plot_path: str | None, workdir: str | None,
+                   netns: bool = False) -> None:
+    from nvme_lm.hypervisor import netns as nsnet
     from nvme_lm.hypervisor.orchestrator import run_scenario
     from nvme_lm.hypervisor.scenario import ScenarioError, default_scenario, load_scenario
 
@@ -77,17 +79,22 @@ def run_and_report(scenario_path: str | None, as_json: bool, plot_path: str | No
         sc = load_scenario(scenario_path) if scenario_path else default_scenario()
     except ScenarioError as e:
         raise click.ClickException(f"scenario refused:\n{e}") from e
+    if netns:
+        ok, why = nsnet.available()
+        if not ok:
+            raise click.ClickException(f"--netns: network namespaces are not available here: {why}")
+        nsnet.cleanup_stale()  # what a crashed run left behind
     console = Console(stderr=as_json)
     if not console.is_terminal:
         console = Console(stderr=as_json, width=max(console.width, 130))
     with tempfile.TemporaryDirectory(prefix="nvme-lm-run-") as tmp:
         where = Path(workdir) if workdir else Path(tmp)
         if as_json:
-            report = asyncio.run(run_scenario(sc, where))
+            report = asyncio.run(run_scenario(sc, where, netns=netns))
         else:
             live = _Live(console)
             with live.bar:
-                report = asyncio.run(run_scenario(sc, where, live))
+                report = asyncio.run(run_scenario(sc, where, live, netns=netns))
     if plot_path:
         rep.plot(report, plot_path)
     if as_json:
@@ -112,6 +119,10 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+_NETNS_HELP = ("Run each host agent in its own network namespace joined by veth, the link shaped from [hosts] "
+               "link_mbit / link_delay_ms (needs root and iproute2; default: all on loopback, unshaped).")
+
+
 @click.command("migrate")
 @click.option("--scenario", "scenario_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Scenario TOML (docs/scenarios.md); default: the built-in default scenario.")
@@ -120,15 +131,18 @@ def _json_safe(obj: Any) -> Any:
               help="Write a timeline plot (PNG) of guest IOPS and latency with the passes and the blackout.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Keep the hosts' SSDs, certificates and agent logs here (default: a temporary directory).")
-def migrate(scenario_path: str | None, as_json: bool, plot_path: str | None, workdir: str | None) -> None:
+@click.option("--netns", is_flag=True, help=_NETNS_HELP)
+def migrate(scenario_path: str | None, as_json: bool, plot_path: str | None, workdir: str | None,
+            netns: bool) -> None:
     """Start the scenario's host agents, run its VM, live-migrate it and report what the guest saw."""
-    run_and_report(scenario_path, as_json, plot_path, workdir)
+    run_and_report(scenario_path, as_json, plot_path, workdir, netns)
 
 
 @click.command("demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Timeline plot (PNG).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Keep the run's files here.")
-def demo(as_json: bool, plot_path: str | None, workdir: str | None) -> None:
+@click.option("--netns", is_flag=True, help=_NETNS_HELP)
+def demo(as_json: bool, plot_path: str | None, workdir: str | None, netns: bool) -> None:
     """The default scenario: two host agents on loopback, vendor-a -> vendor-b, a VM under load."""
-    run_and_report(None, as_json, plot_path, workdir)
+    run_and_report(None, as_json, plot_path, workdir, netns)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -48,9 +49,19 @@ class AgentError(Exception):
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {addr!r} is not HOST:PORT")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address {addr!r} is not HOST:PORT (port 0..65535)")
     return host.strip("[]"), int(port)
+
+
+def own_ips(host: str) -> list[str]:
+    """The stream listener's IP for the certificate's SANs (a host in a network namespace has its own address);
+    127.0.0.1 is always there, a wildcard or a name adds nothing."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    return [] if ip.is_unspecified or str(ip) == "127.0.0.1" else [str(ip)]
 
 
 @dataclass
@@ -90,9 +101,10 @@ class Agent:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.node = await asyncio.to_thread(Node, cfg.name, cfg.data_dir, cfg.model)
         self._pki = certs.ensure_pki(cfg.pki_dir or cfg.data_dir / "pki")
-        self._pki.issue(cfg.name)
         host, port = split_addr(cfg.migrate_listen)
-        self._server = await transport.serve(host, port, certs.server_context(self._pki, cfg.name), self._incoming)
+        self._pki.issue(cfg.name, own_ips(host))
+        self._server = await transport.serve(host, port, certs.server_context(self._pki, cfg.name, own_ips(host)),
+                                             self._incoming)
         mhost, mport = self._server.sockets[0].getsockname()[:2]
         self.migrate_addr = f"{mhost}:{mport}"
         self._runner, self.control_addr = await start_control(self, cfg.listen)
@@ -207,7 +219,7 @@ class Agent:
         except (KeyError, ValueError, TypeError) as e:
             raise AgentError(f"bad vm.send-migration request: {e}", 400) from e
         assert self.node is not None and self._pki is not None
-        ctx = certs.client_context(self._pki, self.cfg.name)
+        ctx = certs.client_context(self._pki, self.cfg.name, own_ips(split_addr(self.cfg.migrate_listen)[0]))
         self.migration = progress = Progress("source")
         self.migration_t0 = h.vm.t0_ns
 

@@ -191,23 +191,24 @@ def ensure_pki(directory: str | os.PathLike) -> Pki:
         return Pki(d, cert, key)
 
 
-def _context(purpose: int, pki: Pki, name: str) -> ssl.SSLContext:
+def _context(purpose: int, pki: Pki, name: str, extra_ips: Iterable[str] = ()) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(pki.ca_path))  # the only trust root: no system CAs
-    cert, key = pki.issue(name)
+    cert, key = pki.issue(name, extra_ips)
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
 
 
-def server_context(pki: Pki, name: str) -> ssl.SSLContext:
-    """TLS >= 1.2 server context for host `name` that requires a client certificate from our CA."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, pki, name)
+def server_context(pki: Pki, name: str, extra_ips: Iterable[str] = ()) -> ssl.SSLContext:
+    """TLS >= 1.2 server context for host `name` that requires a client certificate from our CA.
+    `extra_ips`: as for `Pki.issue` (the same on every call for a host, or its certificate is reissued)."""
+    return _context(ssl.PROTOCOL_TLS_SERVER, pki, name, extra_ips)
 
 
-def client_context(pki: Pki, name: str) -> ssl.SSLContext:
+def client_context(pki: Pki, name: str, extra_ips: Iterable[str] = ()) -> ssl.SSLContext:
     """TLS >= 1.2 client context for host `name`: presents its certificate, verifies the server's (name included)."""
-    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, pki, name)
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, pki, name, extra_ips)
     ctx.check_hostname = True
     return ctx

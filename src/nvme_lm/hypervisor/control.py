@@ -100,7 +100,17 @@ def build_app(agent: Agent) -> web.Application:
     async def vm_shutdown(r: web.Request) -> Any:
         return await agent.shutdown_vm(await _body(r))
 
-    app = web.Application(client_max_size=16 << 20)
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        """aiohttp's own refusals (unknown path, wrong method, body too large) as JSON too."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return _reply({"error": f"{e.status} {e.reason}: {request.method} {request.path}"}, e.status)
+
+    app = web.Application(client_max_size=16 << 20, middlewares=[json_errors])
     app.add_routes([
         web.get(API + "vmm.ping", _handler(ping)),
         web.put(API + "vmm.shutdown", _handler(shutdown)),

@@ -24,7 +24,7 @@ import numpy as np
 from nvme_lm.host import migration as hm
 from nvme_lm.hypervisor import switchover
 from nvme_lm.hypervisor.node import Node, VfRequirements, VfSlot
-from nvme_lm.hypervisor.policy import ConvergencePolicy
+from nvme_lm.hypervisor.policy import MIB, PassFigures, make_policy
 from nvme_lm.hypervisor.precopy import ChangeTracker, PassRecord, PrecopyReceiver, PrecopySender
 from nvme_lm.hypervisor.rollback import SourceRollback
 from nvme_lm.hypervisor.stream import STREAM_VERSION, Message, MsgType, control
@@ -82,6 +82,10 @@ class MigrationOptions:
     verify_ram: bool = False
     verify_lbas: bool = False
     timeout_s: float = 60.0
+    policy: str = "predictive"  # policy.POLICIES
+    throttle: bool = True  # may the predictive policy limit guest writes to converge
+    give_up_s: float = 0.0  # 0: only the leg's timeout ends a migration that does not converge
+    max_bandwidth_mib_s: float = 0.0  # the engine's own cap on the stream (QEMU's max-bandwidth); 0: none
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MigrationOptions:
@@ -103,9 +107,11 @@ class Progress:
     error: str | None = None
     result: dict[str, Any] | None = None
     committed: bool = False  # past the point of no return: a cancel can no longer stop it
+    write_limit_mib_s: float = 0.0  # the throttle on the guest's writes now (0: none)
 
     def snapshot(self, t0_ns: int) -> dict[str, Any]:
         return {"role": self.role, "phase": self.phase, "pass": self.pass_no, "bytes_lba": self.bytes_lba,
+                "write_limit_mib_s": self.write_limit_mib_s,
                 "bytes_ram": self.bytes_ram, "allocated_bytes": self.allocated_bytes,
                 "remaining_bytes": self.remaining_bytes, "error": self.error,
                 "passes": [p.to_report(t0_ns) for p in self.passes], "result": self.result}
@@ -135,8 +141,9 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
     the task before the commit is a failure like any other: rolled back, reported."""
     vm, slot = hosted.vm, hosted.slot
     t_start = time.monotonic_ns()
-    rb = SourceRollback(node, slot, vm)
-    policy = ConvergencePolicy(opts.downtime_target_ms, opts.max_passes)
+    rb = SourceRollback(node, slot, vm, qos_iops=hosted.device_rate_iops)
+    policy = make_policy(opts.policy, downtime_target_ms=opts.downtime_target_ms, max_passes=opts.max_passes,
+                         throttle=opts.throttle, give_up_s=opts.give_up_s)
     ch: Channel | None = None
     sender: PrecopySender | None = None
     cap: switchover.Captured | None = None
@@ -157,7 +164,8 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
             progress.phase = "precopy"
             tracker = rb.tracker = ChangeTracker(node, slot, vm.mem)
             await asyncio.to_thread(tracker.start)
-            sender = PrecopySender(ch.send, node, slot, vm.mem, chunk_bytes=opts.copy_chunk_bytes)
+            sender = PrecopySender(ch.send, node, slot, vm.mem, chunk_bytes=opts.copy_chunk_bytes,
+                                   max_bandwidth=opts.max_bandwidth_mib_s * MIB)
 
             async def one_pass(rec: PassRecord, ranges: list[tuple[int, int]], pages: np.ndarray,
                                skip_zero: bool = False) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -173,8 +181,9 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
                 if overflow:
                     new_ranges = await asyncio.to_thread(node.allocated_ranges, slot)
                 new_pages, _ = await asyncio.to_thread(tracker.ram_changes)
-                remaining = sum(n for _, n in new_ranges) * lba + len(new_pages) * vm.mem.page_size
-                rec.finish(remaining)
+                lba_part = sum(n for _, n in new_ranges) * lba
+                remaining = lba_part + len(new_pages) * vm.mem.page_size
+                rec.finish(remaining, lba_part)
                 progress.remaining_bytes = remaining
                 return new_ranges, new_pages
 
@@ -185,13 +194,26 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
             ranges, pages = await one_pass(rec, allocated, all_pages, skip_zero=True)
             await hooks.at("source", "precopy")
             pass_no = 1
+            limit = 0.0  # MiB/s of guest writes the throttle allows (0: unthrottled)
             while True:
-                rate = rec.copy_rate_mib_s * (1 << 20)
-                switch, _why = policy.switch_now(pass_no - 1, rec.remaining_bytes, rate)
-                rec = PassRecord(pass_no, "delta", time.monotonic_ns())
+                d = max(rec.duration_s, 1e-6)
+                decision = policy.decide(PassFigures(
+                    pass_no=rec.pass_no, remaining_bytes=rec.remaining_bytes, copy_rate=rec.copy_rate_mib_s * MIB,
+                    lba_dirty_rate=rec.remaining_lba_bytes / d,
+                    ram_dirty_rate=(rec.remaining_bytes - rec.remaining_lba_bytes) / d,
+                    elapsed_s=(time.monotonic_ns() - t_start) / 1e9, write_limit_mib_s=limit or None))
+                rec.decision = decision.why
+                if decision.give_up:
+                    raise MigrationFailed(f"gave up: {decision.why}")
+                if decision.write_limit_mib_s is not None and decision.write_limit_mib_s != limit:
+                    limit = decision.write_limit_mib_s
+                    rb.throttled = True
+                    await asyncio.to_thread(node.set_rate_limit, slot, hosted.device_rate_iops, write_mib_s=limit)
+                    progress.write_limit_mib_s = limit
+                rec = PassRecord(pass_no, "delta", time.monotonic_ns(), write_limit_mib_s=limit)
                 ranges, pages = await one_pass(rec, ranges, pages)
                 pass_no += 1
-                if switch:
+                if decision.switch:
                     break
 
             progress.phase = "switchover"

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from nvme_lm.hypervisor.certs import ensure_pki
+from nvme_lm.hypervisor.netns import MIGRATE_PORT, TestNetwork
 from nvme_lm.hypervisor.scenario import HostSpec, Scenario
 from nvme_lm.vm.machine import VmSpec
 
@@ -50,6 +51,7 @@ class AgentProcess:
     control: str
     migrate: str
     log: Path
+    netns: str | None = None  # the network namespace it runs in (`run_scenario(..., netns=True)`)
 
     def tail(self, n: int = 20) -> str:
         try:
@@ -65,6 +67,14 @@ class ControlClient:
         self.session = session
         self.agent = agent
         self.base = f"http://{agent.control}/api/v1/"
+        self._own: aiohttp.ClientSession | None = None
+        if agent.control.startswith("unix:"):  # an agent in a network namespace: reached through the filesystem
+            self.session = self._own = aiohttp.ClientSession(connector=aiohttp.UnixConnector(agent.control[5:]))
+            self.base = "http://localhost/api/v1/"
+
+    async def close(self) -> None:
+        if self._own is not None:
+            await self._own.close()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
                     timeout: float = 600.0) -> Any:
@@ -85,13 +95,17 @@ class ControlClient:
         return await self._call("PUT", path, body or {}, timeout)
 
 
-async def start_agent(host: HostSpec, workdir: Path, pki_dir: Path) -> AgentProcess:
-    """`nvme-lm host serve` as a child process; returns once it wrote its ready file."""
+async def start_agent(host: HostSpec, workdir: Path, pki_dir: Path, prefix: list[str] | None = None,
+                      control: str = "127.0.0.1:0", migrate_listen: str | None = None,
+                      netns: str | None = None) -> AgentProcess:
+    """`nvme-lm host serve` as a child process; returns once it wrote its ready file. `prefix` (e.g.
+    `ip netns exec NS`), `control` and `migrate_listen` place it in a network namespace (`netns_placement`)."""
     ready = workdir / f"{host.name}.ready"
     log = workdir / f"{host.name}.log"
     ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "nvme_lm.cli.main", "host", "serve", "--name", host.name, "--model", host.model,
-            "--data-dir", str(workdir / host.name), "--listen", "127.0.0.1:0", "--migrate-listen", host.listen,
+    argv = [*(prefix or []), sys.executable, "-m", "nvme_lm.cli.main", "host", "serve", "--name", host.name,
+            "--model", host.model, "--data-dir", str(workdir / host.name), "--listen", control,
+            "--migrate-listen", migrate_listen or host.listen,
             "--pki", str(pki_dir), "--ready-file", str(ready)]
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
@@ -106,7 +120,19 @@ async def start_agent(host: HostSpec, workdir: Path, pki_dir: Path) -> AgentProc
             raise OrchestrationError(f"host agent {host.name} not ready after {AGENT_START_TIMEOUT:.0f} s")
         await asyncio.sleep(0.05)
     info = json.loads(ready.read_text())
-    return AgentProcess(host.name, host.model, proc, info["control"], info["migrate"], log)
+    return AgentProcess(host.name, host.model, proc, info["control"], info["migrate"], log, netns)
+
+
+def netns_placement(net: TestNetwork, host: HostSpec, workdir: Path) -> dict[str, Any]:
+    """`start_agent` keywords for an agent in its namespace: the control API on a UNIX socket in the work dir
+    (the filesystem is shared across network namespaces, so the orchestrator reaches it from the root
+    namespace), the stream on the namespace's address at the scenario's port or MIGRATE_PORT."""
+    sock = workdir.resolve() / f"{host.name}.sock"
+    if len(str(sock).encode()) > 100:  # sun_path holds 108 bytes
+        raise OrchestrationError(f"work dir {workdir} is too long a path for the agents' UNIX sockets")
+    port = int(host.listen.rpartition(":")[2]) or MIGRATE_PORT
+    return {"prefix": net.exec_prefix(host.name), "control": f"unix:{sock}",
+            "migrate_listen": f"{net.addr(host.name)}:{port}", "netns": net.netns(host.name)}
 
 
 async def stop_agent(agent: AgentProcess, client: ControlClient | None) -> None:
@@ -149,8 +175,10 @@ async def _sleep_watching(client: ControlClient, seconds: float, on_event: Event
         await asyncio.sleep(min(0.25, left))
 
 
-async def run_scenario(sc: Scenario, workdir: Path, on_event: Event | None = None) -> dict[str, Any]:
-    """Runs `sc` with its agents under `workdir`; returns the report (also on failure, with ok False)."""
+async def run_scenario(sc: Scenario, workdir: Path, on_event: Event | None = None,
+                       netns: bool = False) -> dict[str, Any]:
+    """Runs `sc` with its agents under `workdir`; returns the report (also on failure, with ok False).
+    `netns`: each agent in its own network namespace, the link shaped from `[hosts]` (hypervisor/netns.py)."""
     emit: Event = on_event or (lambda kind, data: None)
     workdir.mkdir(parents=True, exist_ok=True)
     pki_dir = workdir / "pki"
@@ -160,13 +188,19 @@ async def run_scenario(sc: Scenario, workdir: Path, on_event: Event | None = Non
     legs: list[dict[str, Any]] = []
     guest: dict[str, Any] | None = None
     error: str | None = None
+    net: TestNetwork | None = None
     t_begin = time.monotonic()
     async with aiohttp.ClientSession() as session:
         try:
             names = sorted({h for leg in sc.legs for h in leg}, key=sc.hosts.names.index)
+            if netns:
+                emit("phase", {"text": f"building the test network ({sc.hosts.link_mbit or 'unlimited'} Mbit/s, "
+                                       f"{sc.hosts.link_delay_ms:g} ms)"})
+                net = TestNetwork(names, sc.hosts.link_mbit, sc.hosts.link_delay_ms)
+                await asyncio.to_thread(net.start)
             emit("phase", {"text": f"starting host agents {', '.join(names)}"})
-            started = await asyncio.gather(*(start_agent(sc.host(n), workdir, pki_dir) for n in names),
-                                           return_exceptions=True)
+            started = await asyncio.gather(*(start_agent(sc.host(n), workdir, pki_dir, **(
+                netns_placement(net, sc.host(n), workdir) if net else {})) for n in names), return_exceptions=True)
             for n, a in zip(names, started, strict=True):
                 if isinstance(a, BaseException):
                     raise a
@@ -196,6 +230,10 @@ async def run_scenario(sc: Scenario, workdir: Path, on_event: Event | None = Non
         finally:
             emit("phase", {"text": "stopping host agents"})
             await asyncio.gather(*(stop_agent(a, clients.get(n)) for n, a in agents.items()))
+            for c in clients.values():
+                await c.close()
+            if net is not None:
+                await asyncio.to_thread(net.close)
     return build_report(sc, agents, legs, guest, error, time.monotonic() - t_begin)
 
 
@@ -252,7 +290,9 @@ def build_report(sc: Scenario, agents: dict[str, AgentProcess], legs: list[dict[
 
     return {
         "version": REPORT_VERSION, "scenario": sc.name,
-        "hosts": {n: {"model": a.model, "addr": a.migrate} for n, a in agents.items()},
+        "hosts": {n: {"model": a.model, "addr": a.migrate, "netns": a.netns is not None, "namespace": a.netns,
+                      "link_mbit": sc.hosts.link_mbit, "link_delay_ms": sc.hosts.link_delay_ms,
+                      "link_shaped": a.netns is not None} for n, a in agents.items()},
         "ok": ok and guest_out["errors"] == 0 and guest_out["verify_failures"] == 0
         and guest_out["identity_changes"] == 0 and guest_out["timeouts"] == 0,
         "error": error,

@@ -1,33 +1,174 @@
-"""When to stop pre-copying and switch over.
+"""When to switch over, when and how hard to throttle, when to give up.
 
-Issue 5's policy is the classic one: switch when what is still dirty could be sent within the
-downtime target at the copy rate the last pass achieved, or when the pass budget is spent (then the
-blackout may exceed the target; the report shows by how much). Throttling and stall detection
-belong to issue 6 and extend this class.
+After every pass the engine hands the policy what it measured (`PassFigures`) and gets a `Decision`.
+
+`predictive` (the default, ours): switch when what is left would move within the downtime target at
+the measured copy rate. Otherwise, if the guest dirties faster than a pass can shrink the rest (the
+dirty rate is more than half the copy rate), throttle the guest's *writes* through the device's own
+rate limit (TP4176 write bandwidth on the source VF) to just what lets each pass halve the rest;
+reads are never limited, so the guest keeps most of its throughput. If the rest stops shrinking for
+`stall_passes` passes while throttled as hard as allowed, or `give_up_s` passes, give up cleanly (the
+VM keeps running at the source, the limit is released).
+
+The simple policies users know, for comparison (`bench migrate`):
+- `fixed`: always `max_passes` passes, then switch, whatever is left.
+- `auto-converge`: QEMU's auto-converge steps: when a pass does not converge, throttle 20%, then 10%
+  more per pass (here on guest writes, the only throttle a hypervisor has over a direct-assigned VF).
+- `local-minimum`: switch at the first pass whose rest is larger than the previous pass's.
+
+Only guest writes to the namespace can be throttled by the device; RAM the vCPUs dirty cannot. When RAM
+alone outruns the copy, no write limit helps: the predictive policy says so and gives up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+MIB = 1 << 20
+CONVERGE = 0.5  # a pass must leave at most this share of what it moved: the rest halves each pass
+MIN_WRITE_MIB_S = 1.0  # the finest TP4176 bandwidth unit (BWSF 0)
 
 
 @dataclass(frozen=True)
+class PassFigures:
+    """What one pass measured."""
+
+    pass_no: int
+    remaining_bytes: int  # dirty when the pass ended
+    copy_rate: float  # bytes/s the pass moved
+    lba_dirty_rate: float  # bytes/s of namespace blocks changed during the pass
+    ram_dirty_rate: float  # bytes/s of guest pages changed during the pass
+    elapsed_s: float  # since the migration started
+    write_limit_mib_s: float | None = None  # the throttle in force during the pass (None: none)
+
+
+@dataclass(frozen=True)
+class Decision:
+    switch: bool = False
+    write_limit_mib_s: float | None = None  # None: leave the throttle as it is; 0: remove it
+    give_up: bool = False
+    why: str = ""
+
+
+def expected_downtime_ms(remaining_bytes: int, copy_rate: float) -> float:
+    if remaining_bytes <= 0:
+        return 0.0
+    return math.inf if copy_rate <= 0 else remaining_bytes / copy_rate * 1000.0
+
+
+@dataclass
 class ConvergencePolicy:
-    downtime_target_ms: float = 100.0
+    """The predictive policy (see the module docstring)."""
+
+    downtime_target_ms: float = 50.0
     max_passes: int = 8
+    throttle: bool = True
+    give_up_s: float = 0.0  # 0: never (the leg's timeout still applies)
+    stall_passes: int = 3
+    name: str = "predictive"
+    _history: list[int] = field(default_factory=list)
 
-    def expected_downtime_ms(self, remaining_bytes: int, copy_rate_bytes_s: float) -> float:
-        if remaining_bytes <= 0:
-            return 0.0
-        if copy_rate_bytes_s <= 0:
-            return float("inf")
-        return remaining_bytes / copy_rate_bytes_s * 1000.0
-
-    def switch_now(self, pass_no: int, remaining_bytes: int, copy_rate_bytes_s: float) -> tuple[bool, str]:
-        """(switch over after this pass?, why)."""
-        expect = self.expected_downtime_ms(remaining_bytes, copy_rate_bytes_s)
+    def decide(self, f: PassFigures) -> Decision:
+        self._history.append(f.remaining_bytes)
+        expect = expected_downtime_ms(f.remaining_bytes, f.copy_rate)
         if expect <= self.downtime_target_ms:
-            return True, f"converged: {remaining_bytes} bytes left ~ {expect:.1f} ms <= {self.downtime_target_ms} ms"
-        if pass_no + 1 >= self.max_passes:
-            return True, f"pass budget spent ({self.max_passes}); ~{expect:.1f} ms expected"
-        return False, f"{remaining_bytes} bytes left ~ {expect:.1f} ms > {self.downtime_target_ms} ms"
+            return Decision(switch=True, why=f"converged: {f.remaining_bytes} bytes left ~ {expect:.1f} ms")
+        if self.give_up_s and f.elapsed_s >= self.give_up_s:
+            return Decision(give_up=True, why=f"did not converge within {self.give_up_s:g} s "
+                                             f"({f.remaining_bytes} bytes left ~ {expect:.0f} ms)")
+        if f.pass_no + 1 >= self.max_passes:
+            return Decision(switch=True, why=f"pass budget spent ({self.max_passes}); ~{expect:.1f} ms expected")
+        limit = None
+        if self.throttle and f.copy_rate > 0:
+            budget = CONVERGE * f.copy_rate - f.ram_dirty_rate  # what guest writes may dirty per second
+            if budget < MIN_WRITE_MIB_S * MIB:
+                if self._stalled(f):
+                    return Decision(give_up=True, why="guest RAM alone dirties faster than the copy: "
+                                                      "a write limit cannot make it converge")
+                limit = MIN_WRITE_MIB_S
+            elif f.lba_dirty_rate + f.ram_dirty_rate > CONVERGE * f.copy_rate:
+                limit = max(MIN_WRITE_MIB_S, math.floor(budget / MIB))
+            elif f.write_limit_mib_s:
+                limit = f.write_limit_mib_s  # it works: keep it
+        if self._stalled(f) and (limit == MIN_WRITE_MIB_S or not self.throttle):
+            return Decision(give_up=True, why=f"stalled: {f.remaining_bytes} bytes left after "
+                                              f"{self.stall_passes} passes without progress")
+        why = f"{f.remaining_bytes} bytes left ~ {expect:.0f} ms > {self.downtime_target_ms:g} ms"
+        if limit is not None and limit != f.write_limit_mib_s:
+            why += f"; guest writes limited to {limit:g} MiB/s"
+        return Decision(write_limit_mib_s=limit, why=why)
+
+    def _stalled(self, f: PassFigures) -> bool:
+        h = self._history
+        n = self.stall_passes
+        return len(h) > n and min(h[-n:]) >= h[-n - 1]
+
+
+@dataclass
+class FixedPasses:
+    downtime_target_ms: float = 50.0
+    max_passes: int = 8
+    name: str = "fixed"
+
+    def decide(self, f: PassFigures) -> Decision:
+        if f.pass_no + 1 >= self.max_passes:
+            return Decision(switch=True, why=f"pass {f.pass_no + 1} of {self.max_passes}")
+        return Decision(why="fixed pass count")
+
+
+@dataclass
+class AutoConverge:
+    """QEMU's auto-converge: a first throttle of 20%, then 10% more per non-converging pass."""
+
+    downtime_target_ms: float = 50.0
+    max_passes: int = 8
+    initial: float = 0.2
+    step: float = 0.1
+    name: str = "auto-converge"
+    _pct: float = 0.0
+    _base_mib_s: float = 0.0
+
+    def decide(self, f: PassFigures) -> Decision:
+        expect = expected_downtime_ms(f.remaining_bytes, f.copy_rate)
+        if expect <= self.downtime_target_ms or f.pass_no + 1 >= self.max_passes:
+            return Decision(switch=True, why=f"~{expect:.1f} ms expected")
+        if not self._base_mib_s:
+            self._base_mib_s = max(f.lba_dirty_rate / MIB, MIN_WRITE_MIB_S)  # the unthrottled write rate
+        self._pct = self.initial if not self._pct else min(0.99, self._pct + self.step)
+        limit = max(MIN_WRITE_MIB_S, math.floor(self._base_mib_s * (1 - self._pct)))
+        return Decision(write_limit_mib_s=limit, why=f"throttle {self._pct:.0%}")
+
+
+@dataclass
+class LocalMinimum:
+    """Switch as soon as the rest grows again (or the budget is spent)."""
+
+    downtime_target_ms: float = 50.0
+    max_passes: int = 8
+    name: str = "local-minimum"
+    _last: int | None = None
+
+    def decide(self, f: PassFigures) -> Decision:
+        expect = expected_downtime_ms(f.remaining_bytes, f.copy_rate)
+        grew = self._last is not None and f.remaining_bytes >= self._last
+        self._last = f.remaining_bytes
+        if expect <= self.downtime_target_ms or grew or f.pass_no + 1 >= self.max_passes:
+            return Decision(switch=True, why="local minimum" if grew else f"~{expect:.1f} ms expected")
+        return Decision(why="still shrinking")
+
+
+POLICIES = ("predictive", "fixed", "auto-converge", "local-minimum")
+
+
+def make_policy(name: str, *, downtime_target_ms: float, max_passes: int, throttle: bool = True,
+                give_up_s: float = 0.0) -> ConvergencePolicy | FixedPasses | AutoConverge | LocalMinimum:
+    if name == "predictive":
+        return ConvergencePolicy(downtime_target_ms, max_passes, throttle=throttle, give_up_s=give_up_s)
+    if name == "fixed":
+        return FixedPasses(downtime_target_ms, max_passes)
+    if name == "auto-converge":
+        return AutoConverge(downtime_target_ms, max_passes)
+    if name == "local-minimum":
+        return LocalMinimum(downtime_target_ms, max_passes)
+    raise ValueError(f"policy {name!r} is not one of {', '.join(POLICIES)}")

@@ -46,10 +46,14 @@ class PassRecord:
     remaining_bytes: int = 0  # dirty when the pass ended (what the next pass must move)
     dirty_rate_mib_s: float = 0.0
     copy_rate_mib_s: float = 0.0
+    remaining_lba_bytes: int = 0  # the namespace's part of remaining_bytes (the rest is RAM)
+    write_limit_mib_s: float = 0.0  # the throttle on guest writes during this pass (0: none)
+    decision: str = ""  # what the policy concluded after it
 
-    def finish(self, remaining: int) -> None:
+    def finish(self, remaining: int, remaining_lba: int = 0) -> None:
         self.duration_s = (time.monotonic_ns() - self.t_start_ns) / 1e9
         self.remaining_bytes = remaining
+        self.remaining_lba_bytes = remaining_lba
         d = max(self.duration_s, 1e-6)
         self.copy_rate_mib_s = (self.lba_bytes + self.ram_bytes) / d / (1 << 20)
         self.dirty_rate_mib_s = remaining / d / (1 << 20)
@@ -186,13 +190,26 @@ class PrecopySender:
     """Sends LBA ranges and guest pages over the stream. `send(msg)` is the channel's coroutine."""
 
     def __init__(self, send: Callable[[Message], object], node: Node, slot: VfSlot, mem: GuestMemory, *,
-                 chunk_bytes: int = 128 << 10) -> None:
-        self.send, self.node, self.slot, self.mem = send, node, slot, mem
+                 chunk_bytes: int = 128 << 10, max_bandwidth: float = 0.0) -> None:
+        self._send, self.node, self.slot, self.mem = send, node, slot, mem
+        self.max_bandwidth = max_bandwidth  # bytes/s; 0: as fast as the stream goes
+        self._free_at = 0.0  # pacing: when the link (as capped) is free again, monotonic seconds
         self.lba = slot.lba_size
         self.chunk_blocks = max(1, chunk_bytes // self.lba)
         self._buffers = [node.host_buffer(LBA_BATCH), node.host_buffer(LBA_BATCH)]
         self.bytes_lba = 0
         self.bytes_ram = 0
+
+    async def send(self, msg: Message) -> None:
+        """Sends a message, paced to `max_bandwidth` (a token bucket of one message's worth)."""
+        if self.max_bandwidth > 0:
+            body = msg.body
+            nbytes = len(body.data) if isinstance(body, LbaData) else body.nbytes if isinstance(body, RamData) else 64
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + nbytes / self.max_bandwidth
+            if self._free_at - now > 0.001:
+                await asyncio.sleep(self._free_at - now)
+        await self._send(msg)  # type: ignore[misc]
 
     def close(self) -> None:
         for b in self._buffers:

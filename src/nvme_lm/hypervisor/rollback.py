@@ -23,8 +23,10 @@ class SourceRollback:
     slot: VfSlot
     vm: Vm
     tracker: ChangeTracker | None = None
+    qos_iops: int = 0  # the VM's own IOPS limit, what the VF goes back to after a throttle
     paused: bool = False
     suspended: bool = False
+    throttled: bool = False
     committed: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -41,6 +43,12 @@ class SourceRollback:
                 self.suspended = False
             except Exception as e:
                 self.problems.append(f"resume VF {self.slot.vfn}: {e}")
+        if self.throttled:
+            try:
+                self.node.set_rate_limit(self.slot, self.qos_iops)  # the migration's write limit is released
+                self.throttled = False
+            except Exception as e:
+                self.problems.append(f"release the write limit on VF {self.slot.vfn}: {e}")
         if self.paused and not self.suspended:
             self.vm.resume()
             self.paused = False

@@ -35,6 +35,7 @@ VM_STATE_VERSION = 1
 AER_TAG = "aer"
 FOLD_EVERY_S = 0.5
 _FILL_SEED = 0x5EED
+PATTERNS = ("randread", "randwrite", "randrw", "write", "trim")
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,62 @@ class VmSpec:
     ram_dirty_mib_s: float = 0.0  # rate at which a guest thread rewrites RAM pages while running
     seed: int = 1
 
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("bad VM spec: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Why this VM cannot be (it crosses hosts: a peer's spec is checked like user input)."""
+        out = []
+        for name, f in self.__dataclass_fields__.items():
+            v, want = getattr(self, name), type(f.default)
+            ok = isinstance(v, float | int) and not isinstance(v, bool) if want is float else (
+                isinstance(v, want) and not (want is int and isinstance(v, bool)))
+            if not ok:
+                out.append(f"{name} = {v!r}: must be {want.__name__}")
+        if out:
+            return out
+
+        def rule(cond: bool, what: str) -> None:
+            if not cond:
+                out.append(what)
+
+        rule(4096 <= self.memory_bytes <= 1 << 40 and self.memory_bytes % 4096 == 0,
+             f"memory_bytes = {self.memory_bytes}: a multiple of 4096 up to 1 TiB")
+        rule(1 <= self.queues <= 64, f"queues = {self.queues}: 1..64")
+        rule(1 <= self.nsid < 0xFFFFFFFF, f"nsid = {self.nsid}: 1..FFFFFFFEh")
+        rule(self.lba_size in (512, 4096), f"lba_size = {self.lba_size}: 512 or 4096")
+        rule(0 < self.capacity_bytes <= 1 << 50 and self.capacity_bytes % max(self.lba_size, 1) == 0,
+             f"capacity_bytes = {self.capacity_bytes}: whole LBAs, up to 1 PiB")
+        rule(0 <= self.prefill_bytes <= self.capacity_bytes, f"prefill_bytes = {self.prefill_bytes}: 0..capacity")
+        rule(self.pattern in PATTERNS, f"pattern = {self.pattern!r}: one of {', '.join(PATTERNS)}")
+        rule(512 <= self.block_size <= 128 << 10 and self.block_size % max(self.lba_size, 1) == 0,
+             f"block_size = {self.block_size}: whole LBAs, 512 B..128 KiB")
+        rule(1 <= self.iodepth <= 1023, f"iodepth = {self.iodepth}: 1..1023")
+        rule(0 <= self.rwmixread <= 100, f"rwmixread = {self.rwmixread}: 0..100")
+        rule(0 <= self.rate_iops < 1 << 32, f"rate_iops = {self.rate_iops}: 0..2^32-1")
+        rule(0 < self.hot_set <= 1 and 0 <= self.hot_share <= 1, "hot_set in (0, 1], hot_share in [0, 1]")
+        rule(0 <= self.trim_percent <= 100, f"trim_percent = {self.trim_percent}: 0..100")
+        rule(0 < self.identity_check_s <= 3600, f"identity_check_s = {self.identity_check_s}: (0, 3600]")
+        rule(0 <= self.ram_fill < 1 and 0 <= self.ram_dirty_mib_s <= 1 << 20,
+             "ram_fill in [0, 1), ram_dirty_mib_s >= 0")
+        if not out:
+            blocks = self.capacity_bytes // self.block_size // self.queues
+            rule(blocks >= 2 * self.iodepth, f"each of the {self.queues} queues needs at least 2 x iodepth blocks")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VmSpec:
+    def from_dict(cls, d: object) -> VmSpec:
+        if not isinstance(d, dict):
+            raise ValueError(f"a VM spec is a mapping of keys, not {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown VM spec keys: {sorted(unknown)}")
+            raise ValueError(f"unknown VM spec keys: {sorted(map(str, unknown))}")
         return cls(**d)
 
     @property
