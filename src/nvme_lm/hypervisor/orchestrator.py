@@ -160,7 +160,8 @@ def migration_options(sc: Scenario) -> dict[str, Any]:
     m = sc.migration
     return {"downtime_target_ms": m.downtime_target_ms, "max_passes": m.max_passes,
             "copy_chunk_bytes": m.copy_chunk_bytes, "verify_ram": m.verify_ram, "verify_lbas": m.verify_lbas,
-            "timeout_s": m.timeout_s}
+            "policy": m.policy, "throttle": m.throttle, "give_up_s": m.give_up_s,
+            "max_bandwidth_mib_s": m.max_bandwidth_mib_s, "timeout_s": m.timeout_s}
 
 
 async def _sleep_watching(client: ControlClient, seconds: float, on_event: Event) -> None:

@@ -232,6 +232,10 @@ class MigrationSpec:
     copy_inflight: int = _key(_int(1, 64), 8)
     verify_ram: bool = _key(_Rule(bool), False)
     verify_lbas: bool = _key(_Rule(bool), False)
+    policy: str = _key(_choice(("predictive", "fixed", "auto-converge", "local-minimum")), "predictive")
+    throttle: bool = _key(_Rule(bool), True)
+    give_up_s: float = _key(_num(0.0), 0.0)  # 0: only timeout_s ends a leg that does not converge
+    max_bandwidth_mib_s: float = _key(_num(0.0), 0.0)  # the engine's own cap on the stream; 0: none
     timeout_s: float = _key(_num(0.0, above=True), 60.0)
 
     @property
