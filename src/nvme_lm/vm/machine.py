@@ -61,6 +61,7 @@ class VmSpec:
     ram_fill: float = 0.25  # share of guest RAM the guest fills with data at boot (its "page cache")
     ram_dirty_mib_s: float = 0.0  # rate at which a guest thread rewrites RAM pages while running
     seed: int = 1
+    region_bytes: int = 0  # the part of the namespace the workload uses, from LBA 0; 0: all of it
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -102,8 +103,10 @@ class VmSpec:
         rule(0 < self.identity_check_s <= 3600, f"identity_check_s = {self.identity_check_s}: (0, 3600]")
         rule(0 <= self.ram_fill < 1 and 0 <= self.ram_dirty_mib_s <= 1 << 20,
              "ram_fill in [0, 1), ram_dirty_mib_s >= 0")
+        rule(0 <= self.region_bytes <= self.capacity_bytes and self.region_bytes % max(self.block_size, 1) == 0,
+             f"region_bytes = {self.region_bytes}: whole blocks, up to the capacity")
         if not out:
-            blocks = self.capacity_bytes // self.block_size // self.queues
+            blocks = self.workload_bytes // self.block_size // self.queues
             rule(blocks >= 2 * self.iodepth, f"each of the {self.queues} queues needs at least 2 x iodepth blocks")
         return out
 
@@ -121,12 +124,16 @@ class VmSpec:
         return cls(**d)
 
     @property
+    def workload_bytes(self) -> int:
+        return self.region_bytes or self.capacity_bytes
+
+    @property
     def io_queue_depth(self) -> int:
         return max(32, 1 << (self.iodepth + 1).bit_length())  # room for iodepth plus the full-queue slot
 
     def workload_config(self, queue_index: int) -> WorkloadConfig:
         """Queue i drives its own slice of the namespace, so every block has exactly one writer."""
-        blocks = self.capacity_bytes // self.block_size
+        blocks = self.workload_bytes // self.block_size
         per = blocks // self.queues
         pattern = self.pattern
         reads = {"randread": 1.0, "randwrite": 0.0, "write": 0.0}.get(pattern, self.rwmixread / 100)
@@ -272,7 +279,7 @@ class Vm:
         vm.workloads = [Workload(q, mem, spec.workload_config(i)) for i, q in enumerate(queues)]
         vm._fill_ram()
         if spec.prefill_bytes:
-            fraction = min(1.0, spec.prefill_bytes / spec.capacity_bytes)
+            fraction = min(1.0, spec.prefill_bytes / spec.workload_bytes)
             for w in vm.workloads:
                 w.prefill(fraction)
         return vm
