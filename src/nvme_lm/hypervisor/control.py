@@ -32,19 +32,19 @@ if TYPE_CHECKING:
 API = "/api/v1/"
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf are not JSON: they become null."""
+def json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: they become null (reports carry NaN for figures a failed leg never had)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def _reply(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(_json_safe(data)), status=status, content_type="application/json")
+    return web.Response(text=json.dumps(json_safe(data)), status=status, content_type="application/json")
 
 
 def _handler(fn: Callable[[web.Request], Awaitable[Any]]) -> Callable[[web.Request], Awaitable[web.Response]]:
