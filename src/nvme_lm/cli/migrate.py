@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from nvme_lm.cli import report as rep
+from nvme_lm.hypervisor.control import json_safe
 
 
 # ------------------------------------------------------------------------------------------ host serve
@@ -83,7 +83,6 @@ def run_and_report(scenario_path: str | None, as_json: bool, plot_path: str | No
         ok, why = nsnet.available()
         if not ok:
             raise click.ClickException(f"--netns: network namespaces are not available here: {why}")
-        nsnet.cleanup_stale()  # what a crashed run left behind
     console = Console(stderr=as_json)
     if not console.is_terminal:
         console = Console(stderr=as_json, width=max(console.width, 130))
@@ -98,7 +97,7 @@ def run_and_report(scenario_path: str | None, as_json: bool, plot_path: str | No
     if plot_path:
         rep.plot(report, plot_path)
     if as_json:
-        click.echo(json.dumps(_json_safe(report), indent=2))
+        click.echo(json.dumps(json_safe(report), indent=2))
     else:
         rep.render(report, console)
         for line in rep.summary_lines(report):
@@ -107,16 +106,6 @@ def run_and_report(scenario_path: str | None, as_json: bool, plot_path: str | No
             console.print(f"plot: {plot_path}")
     if not report["ok"]:
         sys.exit(1)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 _NETNS_HELP = ("Run each host agent in its own network namespace joined by veth, the link shaped from [hosts] "

@@ -191,6 +191,7 @@ class TestNetwork:
         ok, why = available()
         if not ok:
             raise NetnsError(f"network namespaces are not available: {why}")
+        cleanup_stale()  # whatever a crashed run left behind goes first
         try:
             self._build()
         except BaseException:
