@@ -1,5 +1,5 @@
 """The `nvme-lm` command line: `demo` and `migrate` (live migration between host agents), `host serve`,
-`single-host`, `bench`, `device` and `lm`."""
+`single-host`, `bench`, `device`, `lm` and `target serve` (NVMe/TCP)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from nvme_lm.cli.bench_noisy import noisy_command
 from nvme_lm.cli.device import device
 from nvme_lm.cli.lm import lm
 from nvme_lm.cli.migrate import demo, host, migrate
+from nvme_lm.cli.target import target
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,6 +164,7 @@ cli.add_command(lm)  # `nvme-lm lm cdq|track-send|track-recv|migration-send|migr
 cli.add_command(host)  # `nvme-lm host serve` (cli/migrate.py): a host agent process
 cli.add_command(migrate)  # `nvme-lm migrate --scenario F` (cli/migrate.py)
 cli.add_command(demo)  # `nvme-lm demo`: the default migration scenario
+cli.add_command(target)  # `nvme-lm target serve` (cli/target.py): NVMe/TCP target
 
 
 def main() -> None:

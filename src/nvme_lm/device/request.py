@@ -36,14 +36,17 @@ DEFERRED = _Deferred(0, 0, False)
 
 
 class Request:
-    __slots__ = ("ctrl", "dw0", "dw1", "sq", "sqe")
+    __slots__ = ("buffer", "ctrl", "dw0", "dw1", "sq", "sqe")
 
-    def __init__(self, ctrl: Controller, sq: SubmissionQueue, sqe: SQE) -> None:
+    def __init__(self, ctrl: Controller, sq: SubmissionQueue, sqe: SQE, buffer: memoryview | None = None) -> None:
         self.ctrl = ctrl
         self.sq = sq
         self.sqe = sqe
         self.dw0 = 0
         self.dw1 = 0
+        # NVMe over Fabrics: the command's data lives in a transport buffer (in-capsule or R2T data the
+        # transport gathered, or the buffer it sends as C2HData), described by SGL1 instead of PRPs.
+        self.buffer = buffer
 
     @property
     def is_admin(self) -> bool:
@@ -51,6 +54,8 @@ class Request:
 
     def data_views(self, length: int, to_host: bool) -> list[memoryview]:
         """The command's data buffer (PRP1/PRP2) as memoryviews; `to_host` means the device writes."""
+        if self.buffer is not None:
+            return self._transport_views(length)
         if self.sqe.psdt != 0:
             raise NvmeError(st.INVALID_FIELD, "SGLs are not supported")
         return prp_views(self.ctrl.fn, self.sqe.prp1, self.sqe.prp2, length, self.ctrl.page_size, to_host)
@@ -75,6 +80,17 @@ class Request:
             if len(chunk) < len(view):
                 view[len(chunk) :] = bytes(len(view) - len(chunk))
             pos += len(view)
+
+    def _transport_views(self, length: int) -> list[memoryview]:
+        """Fabrics data: SGLs only (PSDT 01b; PRPs are invalid), and the SGL must cover what the command
+        moves (a longer one is fine: reads send the rest as zeroes, writes ignore it)."""
+        if self.sqe.psdt != 1:
+            raise NvmeError(st.INVALID_FIELD, "fabrics commands describe data with an SGL (PSDT 01b)", 1)
+        buf = self.buffer
+        assert buf is not None
+        if length > len(buf):
+            raise NvmeError(st.DATA_SGL_LENGTH_INVALID, f"the command moves {length} bytes, its SGL {len(buf)}")
+        return [buf[:length]]
 
     def read_from_host(self, length: int) -> bytes:
         return b"".join(bytes(v) for v in self.data_views(length, to_host=False))

@@ -54,6 +54,8 @@ SMART_KELVIN = 313  # the emulated drive runs at 40 °C
 def supported_logs(req: Request) -> bytes:
     lids = [0] * 256
     for lid in LOG_BUILDERS:
+        if lid == LogId.RATE_LIMITING and req.ctrl.subsystem.rate_limits is None:
+            continue  # no TP4176 limits in this subsystem (e.g. behind a fabric): its builder refuses 28h
         lids[lid] = lid_support()
     return b"".join(v.to_bytes(4, "little") for v in lids)
 
