@@ -496,3 +496,28 @@ def test_delete_sq_drops_unfetched_commands(ssd, mem, nq, ns1):
     assert q.read(ns1.nsid, 1, 19, 512) == bytes(19 * 512)
     with pytest.raises(NvmeCommandError):
         nq.admin(cmd.delete_io_sq(1))
+
+
+def test_a_completion_is_visible_only_after_the_tail_moved_past_it(monkeypatch):
+    """A host may reap an entry the instant it lands and ring the CQ head past it: that head must
+    already be within the tail, or the doorbell is refused and a queue that just filled stays full."""
+    from nvme_lm.device import queues
+    from nvme_lm.pcie.function import PcieFunction, PcieIds
+
+    fn = PcieFunction(PcieIds(0x1B36, 0x0010, 0x1AF4, 0x1100), msix_vectors=1)
+    fn.enable()
+    fn.iommu.map(0x10_0000, bytearray(4096))
+    cq = queues.CompletionQueue(fn, 1, 0x10_0000, 4, 4096, True, ien=False, vector=0)
+    real = queues.pack_cqe_into
+    tails_when_written: list[tuple[int, int]] = []
+
+    def pack(view, off, *fields):
+        tails_when_written.append((off // 16, cq.tail))
+        return real(view, off, *fields)
+
+    monkeypatch.setattr(queues, "pack_cqe_into", pack)
+    for i in range(10):  # wraps the 4-entry ring: every slot, the one that fills it included
+        cq.post(0, 0, 0, 1, i, 0)
+        cq.head = cq.tail  # the host reaped it
+    assert [slot for slot, _ in tails_when_written] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert all(tail == (slot + 1) % 4 for slot, tail in tails_when_written)

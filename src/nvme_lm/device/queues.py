@@ -94,18 +94,24 @@ class CompletionQueue:
         return (self.head - self.tail - 1) % self.size
 
     def post(self, dw0: int, dw1: int, sqhd: int, sqid: int, cid: int, status: int) -> None:
-        """Writes one CQE at the tail with the current phase; the caller checked `full`."""
-        view, off = self.ring.slot(self.tail)
-        iommu = self.fn.iommu
-        iommu.landed()  # the command's data writes are in memory: trackers see them again
-        pack_cqe_into(view, off, dw0, dw1, sqhd, sqid, cid, status, self.phase)
-        on_write = iommu.on_write
-        if on_write is not None:  # after the write: a tracker drained now cannot miss the CQE
-            on_write(self.ring.addr(self.tail), CQE_SIZE)
+        """Writes one CQE at the tail with the current phase; the caller checked `full`.
+
+        The tail moves *before* the entry is written: a host may see the entry (its phase bit) the
+        moment it lands and ring the head doorbell past it at once, and that new head must already
+        be within the tail, or it would be refused as an invalid doorbell write (and a queue that
+        just filled would look full forever)."""
+        slot, phase = self.tail, self.phase
         self.tail += 1
         if self.tail == self.size:
             self.tail = 0
             self.phase ^= 1
+        view, off = self.ring.slot(slot)
+        iommu = self.fn.iommu
+        iommu.landed()  # the command's data writes are in memory: trackers see them again
+        pack_cqe_into(view, off, dw0, dw1, sqhd, sqid, cid, status, phase)
+        on_write = iommu.on_write
+        if on_write is not None:  # after the write: a tracker drained now cannot miss the CQE
+            on_write(self.ring.addr(slot), CQE_SIZE)
 
 
 class SubmissionQueue:
