@@ -53,9 +53,11 @@ def figures(pass_no=1, remaining=10 * MIB, copy=100 * MIB, lba=0.0, ram=0.0, ela
 
 def test_predictive_policy_switches_when_the_rest_fits_the_target_or_the_budget_is_spent():
     p = ConvergencePolicy(downtime_target_ms=50, max_passes=5)
-    assert p.decide(figures(remaining=4 * MIB)).switch  # 40 ms of data left at 100 MiB/s
+    assert p.decide(figures(remaining=2 * MIB)).switch  # 20 ms of data + 25 ms of switchover at 100 MiB/s
+    assert not p.decide(figures(remaining=3 * MIB)).switch  # 30 + 25 ms: over the target
+    assert not p.decide(figures(pass_no=0, remaining=1 * MIB)).switch  # pass 0's rate says nothing of the rest
     d = p.decide(figures(remaining=10 * MIB, lba=10 * MIB))  # 100 ms left, shrinking: go on
-    assert not d.switch and not d.give_up and "100 ms" in d.why
+    assert not d.switch and not d.give_up and "125 ms" in d.why  # 100 ms of data + the switchover
     assert ConvergencePolicy(50, 5).decide(figures(pass_no=4, remaining=10 * MIB)).switch  # last pass
     assert not ConvergencePolicy(50, 5, throttle=False).decide(figures(remaining=1, copy=0)).switch  # no rate yet
     assert ConvergencePolicy(50, 5).decide(figures(remaining=0, copy=0)).switch  # nothing left
