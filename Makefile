@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test faults bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +21,14 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults tests/faults
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/io.py
 	$(BIN)/python benchmarks/noisy_neighbor.py
 	$(BIN)/python benchmarks/lba_status.py
+	$(BIN)/python benchmarks/migrate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

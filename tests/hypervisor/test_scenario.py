@@ -175,9 +175,27 @@ def test_tables_that_are_not_tables():
     assert problem({"vm.workload": "fast"}).startswith("t.toml: [vm] workload = 'fast': must be a table")
 
 
-def test_faults_are_reserved():
-    msg = problem({"faults.kill_destination": "precopy"})
-    assert msg.startswith("t.toml: [faults] kill_destination: fault injection is not implemented yet")
+def test_faults_table():
+    s = parse_scenario(edited({"faults.kind": "network-cut", "faults.phase": "resume", "migration.repeat": 2,
+                               "faults.leg": 2, "faults.after_s": 0.5}))
+    f = s.faults
+    assert (f.kind, f.phase, f.leg, f.after_s, f.out_of_space, f.armed) == ("network-cut", "resume", 2, 0.5, "auto",
+                                                                           True)
+    assert parse_scenario(s.to_dict()) == s
+    assert not default_scenario().faults.armed and default_scenario().migration.reply_timeout_s == 30.0
+    assert problem({"faults.kill_destination": "precopy"}) == (
+        "t.toml: [faults] kill_destination: unknown key (allowed: kind, phase, leg, after_s, out_of_space)")
+    assert problem({"faults.phsae": "setup"}).endswith("did you mean 'phase'?")
+    assert problem({"faults.kind": "crash"}).startswith(
+        "t.toml: [faults] kind = 'crash': must be one of none, cancel, destination-killed, ")
+    assert problem({"faults.phase": "precopy"}) == (
+        "t.toml: [faults] phase = 'precopy': must be one of setup, pre-copy, stop-and-copy, state-transfer, resume")
+    assert problem({"faults.leg": 2}) == "t.toml: [faults] leg = 2: must be at most [migration] repeat (1)"
+    assert problem({"faults.after_s": -1}) == "t.toml: [faults] after_s = -1: must be a number >= 0"
+    assert problem({"faults.out_of_space": "full"}) == (
+        "t.toml: [faults] out_of_space = 'full': must be one of auto, tmpfs, inject")
+    assert problem({"migration.reply_timeout_s": 0}) == (
+        "t.toml: [migration] reply_timeout_s = 0: must be a number > 0")
     assert problem({"faults": 3}).startswith("t.toml: faults = 3: must be a table")
 
 

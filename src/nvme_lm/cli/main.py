@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from nvme_lm.cli.bench_lba import lba_status_command
+from nvme_lm.cli.bench_migrate import migrate_command as bench_migrate_command
 from nvme_lm.cli.bench_noisy import noisy_command
 from nvme_lm.cli.device import device
 from nvme_lm.cli.lm import lm
@@ -156,6 +157,7 @@ def run_io(*, as_json: bool, seconds: float, size_mib: int, data_dir: str | None
 
 bench.add_command(lba_status_command)  # `nvme-lm bench lba-status` (cli/bench_lba.py, TP4165)
 bench.add_command(noisy_command)  # `nvme-lm bench noisy` (cli/bench_noisy.py, TP4176 rate limiting)
+bench.add_command(bench_migrate_command)  # `nvme-lm bench migrate` (cli/bench_migrate.py, issue 6's figures)
 
 
 # ------------------------------------------------------------------------------------------ device

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
+from nvme_lm.device import persist
+
 if TYPE_CHECKING:
     from nvme_lm.device.namespace import Namespace
 
@@ -150,11 +152,15 @@ class AllocationMap:
                 self.path.unlink(missing_ok=True)
                 return
             tmp = self.path.with_suffix(SIDECAR_SUFFIX + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(self.key)
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
+
+            def write() -> None:
+                with open(tmp, "wb") as f:
+                    f.write(self.key)
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+
+            persist.with_reserve(tmp.parent, write)
             os.replace(tmp, self.path)
             dfd = os.open(self.path.parent, os.O_RDONLY)
             try:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvme_lm.device import feature_defaults as F
+from nvme_lm.device import persist
 from nvme_lm.device.error_log import ErrorLog
 from nvme_lm.device.features import FeatureState
 from nvme_lm.device.model import DeviceModel
@@ -491,7 +492,7 @@ class ExportedSubsystems:
             return
         state = {"version": STATE_VERSION, "subsystems": [e.to_json() for _, e in sorted(self.subsystems.items())]}
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        persist.with_reserve(tmp.parent, lambda: tmp.write_text(json.dumps(state, indent=2)))
         os.replace(tmp, self.state_file)
 
     def _load(self) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nvme_lm.device import persist
 from nvme_lm.device.allocation import SIDECAR_SUFFIX, AllocationMap
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -33,6 +34,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def _after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """The buffers that follow the first `skip` bytes of `views`."""
+    for i, v in enumerate(views):
+        if skip < len(v):
+            return [v[skip:], *views[i + 1 :]]
+        skip -= len(v)
+    return []
 
 
 @dataclass
@@ -102,7 +112,7 @@ class Namespace:
         data = asdict(self.info)
         if data["nmic"] == 1:
             del data["nmic"]  # written only for private namespaces: older files stay the same
-        tmp.write_text(json.dumps(data, indent=2))
+        persist.with_reserve(tmp.parent, lambda: tmp.write_text(json.dumps(data, indent=2)))
         os.replace(tmp, self.path.with_suffix(".json"))
 
     def reformat(self, lba_size: int) -> None:
@@ -153,8 +163,11 @@ class Namespace:
                 chunk = views[i : i + IOV_MAX]
                 want = sum(len(v) for v in chunk)
                 n = os.pwritev(self.fd, chunk, off)
-                if n != want:
-                    raise OSError(errno.EIO, f"short write of {n}/{want} bytes at {off}")
+                while n < want:  # short (e.g. the disk filled up): go on, so the error says why (ENOSPC)
+                    m = os.pwritev(self.fd, _after(chunk, n), off + n)
+                    if m <= 0:
+                        raise OSError(errno.EIO, f"short write of {n}/{want} bytes at {off}")
+                    n += m
                 off += n
             self.dirty = True
         finally:

@@ -14,6 +14,8 @@ completion by the model's latency and bandwidth (DEFERRED, completed by the pace
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 
 from nvme_lm.device.feature_defaults import VOLATILE_WRITE_CACHE
@@ -71,6 +73,14 @@ def commit(req: Request, ns: Namespace, fua: bool) -> None:
         ns.flush()
 
 
+def write_error(e: OSError) -> NvmeError:
+    """The status of a write the backing file refused: out of space is Capacity Exceeded (what Linux's
+    nvmet answers for ENOSPC: the host learns that retrying will not help), anything else a Write Fault."""
+    if e.errno == errno.ENOSPC:
+        return NvmeError(st.CAPACITY_EXCEEDED, f"backing store full: {e}", PEL_NLB)
+    return NvmeError(st.WRITE_FAULT, f"backing store write failed: {e}")
+
+
 def finish(req: Request, nbytes: int, write: bool) -> st.Status:
     """Where every media command completes: at once, or paced by the model's latency and bandwidth
     (DEFERRED; the subsystem's pacer in media.py completes it when due)."""
@@ -98,7 +108,10 @@ def write(req: Request) -> st.Status:
     slba, nlb = lba_range(req, ns)
     nbytes = transfer_length(req, ns, nlb)
     views = req.data_views(nbytes, to_host=False)
-    ns.write_from(slba, views)
+    try:
+        ns.write_from(slba, views)
+    except OSError as e:
+        raise write_error(e) from e
     ctrl = req.ctrl
     if req.sqe.cdw12 & FUA or not ctrl.features.current[VOLATILE_WRITE_CACHE] & 1:
         ns.flush()  # commit() inlined: this is the hot path
@@ -146,7 +159,10 @@ def write_zeroes(req: Request) -> st.Status:
     if cdw12 & DEAC:
         ns.deallocate(slba, nlb)
     else:
-        ns.write_zeroes(slba, nlb)
+        try:
+            ns.write_zeroes(slba, nlb)
+        except OSError as e:
+            raise write_error(e) from e
     commit(req, ns, bool(cdw12 & FUA))
     return finish(req, 0, True)
 

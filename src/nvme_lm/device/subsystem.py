@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nvme_lm.device import persist
 from nvme_lm.device.media import MediaPacer
 from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.namespace import Namespace, NamespaceInfo
@@ -31,6 +32,7 @@ class NvmSubsystem:
     def __init__(self, data_dir: Path | str, model: DeviceModel | None = None, serial: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        persist.ensure_reserve(self.data_dir)  # metadata must still be saved when user data fills the disk
         self.model = model or DeviceModel()
         self.lock = threading.RLock()
         self.namespaces: dict[int, Namespace] = {}
@@ -67,7 +69,7 @@ class NvmSubsystem:
             "power_cycles": self.smart.power_cycles,
         }
         tmp = self.data_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        persist.with_reserve(self.data_dir, lambda: tmp.write_text(json.dumps(state, indent=2)))
         os.replace(tmp, self.data_dir / STATE_FILE)
 
     # --- capacity --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nvme_lm.device import persist
 from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.request import NvmeError
 from nvme_lm.spec import status as st
@@ -167,7 +168,7 @@ class SriovResources:
         state = {"version": STATE_VERSION, "vqrfap": self.pools[ResourceType.VQ].primary_next,
                  "virfap": self.pools[ResourceType.VI].primary_next}
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        persist.with_reserve(tmp.parent, lambda: tmp.write_text(json.dumps(state, indent=2)))
         os.replace(tmp, self.state_file)
 
     # ================================================================ queries

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from nvme_lm.hypervisor import certs, transport
+from nvme_lm.hypervisor.faults import EnospcInjection, FaultPlan
 from nvme_lm.hypervisor.migration import (
     NO_FAULTS,
+    REPLY_TIMEOUT,
     FaultHooks,
     HostedVm,
     Incoming,
@@ -33,6 +35,7 @@ from nvme_lm.hypervisor.migration import (
     send_vm,
 )
 from nvme_lm.hypervisor.node import Node
+from nvme_lm.hypervisor.rollback import SourceRollback
 from nvme_lm.hypervisor.transport import Channel
 from nvme_lm.vm.machine import Vm, VmSpec
 
@@ -89,6 +92,12 @@ class Agent:
         self.control_addr = ""
         self.migrate_addr = ""
         self.hooks: FaultHooks = NO_FAULTS  # fault injection (issue 6): where migrations fail on purpose
+        self.incoming_timeout = REPLY_TIMEOUT  # how long an incoming migration waits for the source
+        self.lost_vms: dict[str, dict[str, Any]] = {}  # VMs that ran here when the last agent died (placement)
+        self.orphans_released: list[str] = []  # what the last agent left on the device, released at start
+        self._incoming_task: asyncio.Task | None = None
+        self._incoming_vm: str | None = None
+        self._enospc: EnospcInjection | None = None
         self._server: asyncio.Server | None = None
         self._runner: Any = None
 
@@ -100,6 +109,8 @@ class Agent:
         cfg = self.cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.node = await asyncio.to_thread(Node, cfg.name, cfg.data_dir, cfg.model)
+        self.lost_vms = self._load_placements()
+        self.orphans_released = await asyncio.to_thread(self.node.release_orphans)
         self._pki = certs.ensure_pki(cfg.pki_dir or cfg.data_dir / "pki")
         host, port = split_addr(cfg.migrate_listen)
         self._pki.issue(cfg.name, own_ips(host))
@@ -138,6 +149,7 @@ class Agent:
 
     def _power_down(self) -> None:
         if self.hosted is not None:
+            self._unplace(self.hosted.spec.name)  # an orderly end: the VM does not count as lost
             self.hosted.vm.close()
             with contextlib.suppress(Exception):
                 assert self.node is not None
@@ -153,7 +165,8 @@ class Agent:
     def info(self) -> dict[str, Any]:
         h = self.hosted
         out: dict[str, Any] = {"name": self.cfg.name, "model": self.cfg.model, "control": self.control_addr,
-                               "migrate": self.migrate_addr, "expecting": self.expecting, "vm": None}
+                               "migrate": self.migrate_addr, "expecting": self.expecting, "vm": None,
+                               "lost_vms": sorted(self.lost_vms), "orphans_released": self.orphans_released}
         if h is not None:
             out["vm"] = {"name": h.spec.name, "running": h.vm.running, "paused": h.vm.gate.paused,
                          "t0_ns": h.vm.t0_ns, "spec": h.spec.to_dict(), "template": h.template,
@@ -173,6 +186,7 @@ class Agent:
         hosted = await asyncio.to_thread(self._boot, spec, template, rate)
         hosted.vm.start()
         self.hosted = hosted
+        self._place(spec.name, "running")
         return self.info()
 
     def _boot(self, spec: VmSpec, template: str, rate: int) -> HostedVm:
@@ -205,7 +219,11 @@ class Agent:
             raise AgentError("vm.receive-migration needs {\"vm\": NAME}", 400)
         if self.hosted is not None:
             raise AgentError(f"VM {self.hosted.spec.name} already runs here")
+        timeout = body.get("reply_timeout_s", REPLY_TIMEOUT)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0:
+            raise AgentError("reply_timeout_s must be a number > 0", 400)
         self.expecting = name
+        self.incoming_timeout = float(timeout)
         return self.info()
 
     async def send_migration(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -224,10 +242,13 @@ class Agent:
         self.migration_t0 = h.vm.t0_ns
 
         async def connect() -> Channel:
-            return await transport.connect(host, port, ctx, server_hostname=server_name)
+            ch = await transport.connect(host, port, ctx, server_hostname=server_name)
+            ch.send_timeout = opts.reply_timeout_s
+            return ch
 
         def committed() -> None:
             self.hosted = None
+            self._unplace(h.spec.name)
 
         self._task = asyncio.create_task(send_vm(h, self.node, connect, opts, progress, committed, self.hooks))
         return {"started": True}
@@ -272,6 +293,7 @@ class Agent:
 
         rep = await asyncio.to_thread(stop)
         self.hosted = None
+        self._unplace(h.spec.name)
         return rep
 
     def _need_vm(self) -> HostedVm:
@@ -285,8 +307,11 @@ class Agent:
         progress = Progress("destination")
         self.migration = progress
         self.migration_t0 = time.monotonic_ns()
+        self._incoming_task, self._incoming_vm = asyncio.current_task(), None
+        ch.send_timeout = self.incoming_timeout
 
         def admit(spec: VmSpec) -> list[str]:
+            self._incoming_vm = spec.name
             if self.hosted is not None:
                 return [f"host {self.cfg.name} already runs VM {self.hosted.spec.name}"]
             if self.expecting != spec.name:
@@ -298,7 +323,132 @@ class Agent:
             self.expecting = None
             self.migration_t0 = h.vm.t0_ns
 
-        await receive_vm(ch, Incoming(self.node, admit, adopt, progress), self.hooks)
+        await receive_vm(ch, Incoming(self.node, admit, adopt, progress, self.incoming_timeout,
+                                      lambda spec: self._place(spec.name, "resumed", progress)), self.hooks)
+
+    # ------------------------------------------------------------------ faults and their resolution (issue 6)
+    def inject_faults(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Arms a fault plan for the next migrations (`{"plan": {...}}`, `{}` disarms) and/or turns the
+        injected out-of-space on the namespaces on or off (`{"enospc": bool}`, for hosts without root)."""
+        if "plan" in body:
+            try:
+                self.hooks = FaultPlan.from_dict(body["plan"]) if body["plan"] else NO_FAULTS
+            except (TypeError, ValueError) as e:
+                raise AgentError(f"bad fault plan: {e}", 400) from e
+        if "enospc" in body:
+            self._enospc = self._enospc or EnospcInjection()
+            self._enospc.set(bool(body["enospc"]))
+        return self.faults_status()
+
+    def faults_status(self) -> dict[str, Any]:
+        plan = self.hooks.to_dict() if isinstance(self.hooks, FaultPlan) else None
+        return {"plan": plan, "enospc": bool(self._enospc and self._enospc.armed)}
+
+    async def resources(self) -> dict[str, Any]:
+        """What the device holds (vmm.resources), read through the PF; refused while a migration runs (the
+        tracking probe would take changes from it)."""
+        if (self._task is not None and not self._task.done()) or (
+                self._incoming_task is not None and not self._incoming_task.done()):
+            raise AgentError("a migration is under way: ask again when it has ended")
+        assert self.node is not None
+        return await asyncio.to_thread(self.node.resources)
+
+    async def resolve_in_doubt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Ends an in-doubt outgoing migration (lost the destination's answer after COMMIT; the VM is paused
+        and its VF suspended here). `{"decision": "resume"}` only once the destination confirmed (fenced) it
+        does not run the VM and never resumed it: the VM goes on here. `{"decision": "release"}` when the
+        destination runs it (or ran it and died with it): this copy is stale and is torn down."""
+        m, h = self.migration, self.hosted
+        if (m is None or m.role != "source" or not m.committed or m.error is None or h is None
+                or (self._task is not None and not self._task.done())):
+            raise AgentError("no migration is in doubt here", 409)
+        decision = body.get("decision")
+        assert self.node is not None
+        node = self.node
+        if decision == "resume":
+            rb = SourceRollback(node, h.slot, h.vm, qos_iops=h.device_rate_iops, paused=True, suspended=True,
+                                throttled=True)
+            problems = await asyncio.to_thread(rb.roll_back)
+            m.phase = "resumed at the source (the destination confirmed it does not run the VM)"
+            return {"resumed": True, "problems": problems, **self.info()}
+        if decision == "release":
+            await asyncio.to_thread(h.vm.kill)
+            self.hosted = None
+            self._unplace(h.spec.name)
+            problem = None
+            try:
+                await asyncio.to_thread(node.release, h.slot)
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+            h.vm.mem.log_dirty = False
+            m.phase = "released at the source (the VM is the destination's)"
+            return {"released": True, "problem": problem, **self.info()}
+        raise AgentError("decision must be \"resume\" or \"release\"", 400)
+
+    async def fence_incoming(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The destination's answer to a source in doubt, made final: does VM `vm` run here (or is it committed
+        and resuming)? If not, an incoming migration of it still waiting for COMMIT is ended now and the VM
+        is no longer expected, so a late COMMIT can never start it. `ran_here`: it had resumed here when the
+        last agent died (its placement record says so): the source's copy is stale."""
+        name = body.get("vm")
+        if not isinstance(name, str) or not name:
+            raise AgentError("vm.fence-incoming needs {\"vm\": NAME}", 400)
+        if self.hosted is not None and self.hosted.spec.name == name:
+            return {"runs": True, "ran_here": True}
+        task, m = self._incoming_task, self.migration
+        if task is not None and not task.done() and self._incoming_vm == name and m is not None:
+            if m.committed:
+                return {"runs": True, "ran_here": True}  # committed: resuming now, whatever else happens
+            if m.phase != "prepared":  # only waiting for COMMIT is safe to end: no device work in flight
+                raise AgentError(f"the incoming migration is {m.phase}: ask again", 409)
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(task), 30)
+        if self.expecting == name:
+            self.expecting = None
+        lost = self.lost_vms.get(name)
+        return {"runs": False, "ran_here": bool(lost and lost.get("state") == "resumed")}
+
+    # ------------------------------------------------------------------ placement records
+    # Which VMs run (or are resuming) here, on disk: an agent that died leaves them behind, so the next one
+    # can say which VMs died with it (`lost_vms`) and a source in doubt learns whether its VM ever resumed here.
+    def _placement_dir(self) -> Path:
+        return self.cfg.data_dir / "vms"
+
+    def _place(self, name: str, state: str, progress: Progress | None = None) -> None:
+        """Best effort and durable (written, fsynced, renamed): a full disk must not stop a VM from running."""
+        d = self._placement_dir()
+        try:
+            d.mkdir(exist_ok=True)
+            tmp = d / f".{name}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"vm": name, "state": state, "time": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / f"{name}.json")
+            self.lost_vms.pop(name, None)
+            (d / f"{name}.lost").unlink(missing_ok=True)
+        except OSError as e:
+            if progress is not None:
+                progress.error = f"placement record of {name} not written: {e}"
+
+    def _unplace(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            (self._placement_dir() / f"{name}.json").unlink(missing_ok=True)
+
+    def _load_placements(self) -> dict[str, dict[str, Any]]:
+        """At start no VM runs here yet: every record left is a VM that died with the last agent (`.lost`)."""
+        d = self._placement_dir()
+        if not d.is_dir():
+            return {}
+        for rec in d.glob("*.json"):
+            with contextlib.suppress(OSError):
+                os.replace(rec, rec.with_suffix(".lost"))
+        lost = {}
+        for rec in d.glob("*.lost"):
+            with contextlib.suppress(OSError, ValueError):
+                lost[rec.stem] = json.loads(rec.read_text())
+        return lost
 
 
 GIL_SWITCH_S = 0.0005  # device engines, vCPUs and the event loop hand the GIL over often: short turns

@@ -15,6 +15,11 @@ a 4xx status for requests the agent refuses and 500 for its own failures, never 
 | GET | /api/v1/vm.migration | | progress of the last migration |
 | PUT | /api/v1/vm.cancel-migration | | {cancelling} (refused once committed) |
 | PUT | /api/v1/vm.shutdown | {windows: [[start_ns, end_ns]...]} | the guest's final report |
+| PUT | /api/v1/vm.inject-faults | {plan: FaultPlan dict or {}, enospc: bool} | the armed plan (faults.py) |
+| GET | /api/v1/vm.inject-faults | | the armed plan and what fired |
+| PUT | /api/v1/vm.resolve-in-doubt | {decision: "resume" or "release"} | agent info (source in doubt only) |
+| PUT | /api/v1/vm.fence-incoming | {vm} | {runs, ran_here} (destination: no late COMMIT will start it) |
+| GET | /api/v1/vmm.resources | | exported subsystems, namespaces, VFs, UDMQs seen through the PF |
 """
 
 from __future__ import annotations
@@ -100,6 +105,21 @@ def build_app(agent: Agent) -> web.Application:
     async def vm_shutdown(r: web.Request) -> Any:
         return await agent.shutdown_vm(await _body(r))
 
+    async def inject_faults(r: web.Request) -> Any:
+        return agent.inject_faults(await _body(r))
+
+    async def faults_status(_r: web.Request) -> Any:
+        return agent.faults_status()
+
+    async def resolve_in_doubt(r: web.Request) -> Any:
+        return await agent.resolve_in_doubt(await _body(r))
+
+    async def fence_incoming(r: web.Request) -> Any:
+        return await agent.fence_incoming(await _body(r))
+
+    async def resources(_r: web.Request) -> Any:
+        return await agent.resources()
+
     @web.middleware
     async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         """aiohttp's own refusals (unknown path, wrong method, body too large) as JSON too."""
@@ -122,6 +142,11 @@ def build_app(agent: Agent) -> web.Application:
         web.get(API + "vm.migration", _handler(migration)),
         web.put(API + "vm.cancel-migration", _handler(cancel)),
         web.put(API + "vm.shutdown", _handler(vm_shutdown)),
+        web.put(API + "vm.inject-faults", _handler(inject_faults)),
+        web.get(API + "vm.inject-faults", _handler(faults_status)),
+        web.put(API + "vm.resolve-in-doubt", _handler(resolve_in_doubt)),
+        web.put(API + "vm.fence-incoming", _handler(fence_incoming)),
+        web.get(API + "vmm.resources", _handler(resources)),
     ])
     return app
 

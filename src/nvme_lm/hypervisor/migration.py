@@ -82,6 +82,7 @@ class MigrationOptions:
     verify_ram: bool = False
     verify_lbas: bool = False
     timeout_s: float = 60.0
+    reply_timeout_s: float = REPLY_TIMEOUT  # silence from the peer (or a peer that reads nothing) that ends a leg
     policy: str = "predictive"  # policy.POLICIES
     throttle: bool = True  # may the predictive policy limit guest writes to converge
     give_up_s: float = 0.0  # 0: only the leg's timeout ends a migration that does not converge
@@ -117,10 +118,10 @@ class Progress:
                 "passes": [p.to_report(t0_ns) for p in self.passes], "result": self.result}
 
 
-async def _reply(ch: Channel, *want: MsgType) -> Message:
+async def _reply(ch: Channel, *want: MsgType, timeout: float = REPLY_TIMEOUT) -> Message:
     """The next control message, skipping late PASS_ACKs; ABORT/FAILED from the peer end the migration."""
     while True:
-        msg = await ch.recv(REPLY_TIMEOUT)
+        msg = await ch.recv(timeout)
         if msg.type in want:
             return msg
         if msg.type is MsgType.PASS_ACK:
@@ -158,7 +159,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
             await ch.send(control(MsgType.HELLO, stream_version=STREAM_VERSION, vm=hosted.spec.to_dict(),
                                   template=hosted.template, exported_state=exported,
                                   device_rate_iops=hosted.device_rate_iops))
-            await _reply(ch, MsgType.ACCEPT)
+            await _reply(ch, MsgType.ACCEPT, timeout=opts.reply_timeout_s)
             await hooks.at("source", "setup")
 
             progress.phase = "precopy"
@@ -176,7 +177,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
                 rec.ram_bytes = await sender.send_pages(pages, skip_zero=skip_zero)
                 progress.bytes_ram = sender.bytes_ram
                 await ch.send(control(MsgType.PASS_END, **{"pass": rec.pass_no, "kind": rec.kind}))
-                await _reply(ch, MsgType.PASS_ACK)
+                await _reply(ch, MsgType.PASS_ACK, timeout=opts.reply_timeout_s)
                 new_ranges, overflow, _ = await asyncio.to_thread(tracker.lba_changes)
                 if overflow:
                     new_ranges = await asyncio.to_thread(node.allocated_ranges, slot)
@@ -227,14 +228,14 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
             await ch.send(control(MsgType.SWITCHOVER, controller_state=cap.controller_state, vm_state=cap.vm_state,
                                   t_pause_ns=cap.t_pause_ns, ram_crc=cap.ram_crc, lba_digest=cap.lba_digest))
             await hooks.at("source", "state-transfer")
-            prepared = await _reply(ch, MsgType.PREPARED)
+            prepared = await _reply(ch, MsgType.PREPARED, timeout=opts.reply_timeout_s)
             remote = dict(prepared.body.get("laps", {}))  # type: ignore[union-attr]
             steps["destination prepare"] = (time.monotonic_ns() - t) / 1e6
             rb.committed = progress.committed = True  # the point of no return: the VM is the destination's
             t = time.monotonic_ns()
             await ch.send(control(MsgType.COMMIT))
             await hooks.at("source", "resume")
-            done = await _reply(ch, MsgType.COMMITTED)
+            done = await _reply(ch, MsgType.COMMITTED, timeout=opts.reply_timeout_s)
             t_resume = int(done.body["t_resume_ns"])  # type: ignore[index]
             steps["commit and resume"] = (time.monotonic_ns() - t) / 1e6
             remote.update(done.body.get("laps", {}))  # type: ignore[union-attr]
@@ -307,6 +308,8 @@ class Incoming:
     admit: Callable[[VmSpec], list[str]]  # reasons this agent will not take this VM (e.g. not announced)
     adopt: Callable[[HostedVm], None]  # the VM is running here now
     progress: Progress
+    reply_timeout_s: float = REPLY_TIMEOUT
+    resuming: Callable[[VmSpec], None] | None = None  # committed, about to resume: the agent records it durably
 
 
 async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) -> None:
@@ -317,7 +320,7 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
     receiver: PrecopyReceiver | None = None
     committed = False
     try:
-        hello = await ch.recv(REPLY_TIMEOUT)
+        hello = await ch.recv(inc.reply_timeout_s)
         if hello.type is not MsgType.HELLO:
             raise MigrationFailed(f"expected HELLO, got {hello.type.name}")
         body: dict = hello.body  # type: ignore[assignment]
@@ -347,7 +350,7 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
         progress.phase = "receiving"
         receiver = PrecopyReceiver(node, slot, mem)
         while True:
-            msg = await ch.recv(REPLY_TIMEOUT)
+            msg = await ch.recv(inc.reply_timeout_s)
             t = msg.type
             if t in (MsgType.LBA_DATA, MsgType.LBA_DEALLOCATE, MsgType.RAM_DATA):
                 await receiver.apply(msg)
@@ -370,10 +373,13 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
                     await ch.send(control(MsgType.FAILED, reason=f"{type(e).__name__}: {e}"[:500]))
                     raise
                 await ch.send(control(MsgType.PREPARED, laps=laps))
+                progress.phase = "prepared"
             elif t is MsgType.COMMIT:
                 assert vm is not None
-                committed = True  # the source will not resume: run the VM whatever happens next
+                committed = progress.committed = True  # the source will not resume: run the VM whatever happens
                 await hooks.at("destination", "resume")
+                if inc.resuming is not None:
+                    inc.resuming(spec)
                 t_resume, laps = await asyncio.to_thread(switchover.resume, node, slot, vm)
                 inc.adopt(HostedVm(vm, slot, spec, template, rate))
                 progress.phase = "running here"
@@ -386,9 +392,12 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
                 raise MigrationFailed(f"source aborted: {msg.body.get('reason')}")  # type: ignore[union-attr]
             else:
                 raise MigrationFailed(f"unexpected {t.name}")
-    except Exception as e:
+    except (Exception, asyncio.CancelledError) as e:  # cancelled: fenced by the agent (vm.fence-incoming)
         if progress.error is None:
-            progress.error = f"{type(e).__name__}: {e}"
+            progress.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if not committed and not isinstance(e, OSError | TimeoutError | asyncio.CancelledError):
+            with contextlib.suppress(Exception):  # a local failure: the source learns why at once
+                await ch.send(control(MsgType.ABORT, reason=progress.error[:500]))
         if receiver is not None:
             receiver.close()
             receiver = None
@@ -402,6 +411,8 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
                 mem.log_dirty = False
         elif progress.phase != "done":
             progress.phase = "running here (source did not confirm teardown)"
+        if isinstance(e, asyncio.CancelledError):
+            raise
 
 
 def _discard(node: Node, slot: VfSlot) -> None:

@@ -32,6 +32,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from nvme_lm.device.ssd import EmulatedSsd
 from nvme_lm.device.template import Template
 from nvme_lm.host import commands as cmd
 from nvme_lm.host import exported as hx
+from nvme_lm.host import migration as hm
 from nvme_lm.host import rate_limit as hrl
 from nvme_lm.host import tracking as ht
 from nvme_lm.host import virtualization as hv
@@ -48,6 +50,7 @@ from nvme_lm.host.lba_status import allocated_ranges as _allocated_ranges
 from nvme_lm.host.qpair import Completion, NvmeCommandError, NvmeTimeout
 from nvme_lm.pcie.function import PcieFunction
 from nvme_lm.spec import status as st
+from nvme_lm.spec.cdq import INVALID_CDQ, MCUDMQ
 from nvme_lm.spec.commands import SQE
 from nvme_lm.spec.exported import ConfigState, ConfigStateError
 from nvme_lm.spec.identify import (
@@ -444,6 +447,81 @@ class Node:
     def exported_state(self, slot: VfSlot) -> bytes:
         """The exported configuration state a destination recreates the VF's identity from."""
         return hx.get_config_state(self.pf, slot.esubid)
+
+    # ------------------------------------------------------------------------------ inspection, orphans
+    def resources(self) -> dict[str, Any]:
+        """What the device holds for VMs, read through the PF only: exported subsystems with their associations,
+        namespaces, VFs in use with their migration state (suspended: Migration Receive refuses a running
+        controller with 3Ah; memory tracking: Track Receive refuses an untracked one with 0Ch; rate limit:
+        Get Features 28h) and the PF's UDMQs (Get Features 21h refuses an unknown CDQID with 37h). Track
+        Receive drains what it reports: call this between migrations, not during one."""
+        pf = self.pf
+        with self._mgmt:
+            subsystems = [{"esubid": e.esubid,
+                           "controllers": [[c.ecntlid, c.cntlid] for c in hx.exported_controllers(pf, e.esubid)],
+                           "namespaces": [[n.ensid, n.unsid] for n in hx.exported_namespaces(pf, e.esubid)]}
+                          for e in hx.list_subsystems(pf)]
+            namespaces = decode_nsid_list(pf.identify(CNS.ALLOCATED_NS_LIST))
+            vfs = []
+            for e in hv.secondary_controllers(pf):
+                if not (e.online or e.nvq or e.nvi):
+                    continue
+                vf: dict[str, Any] = {"vfn": e.vfn, "cntlid": e.scid, "online": e.online, "nvq": e.nvq, "nvi": e.nvi}
+                if e.online:
+                    vf["suspended"] = self._probe(hm.get_state(e.scid, 4096), 4096, st.CONTROLLER_NOT_SUSPENDED)
+                    vf["tracking"] = self._probe(ht.track_receive(e.scid, 4096), 4096, st.COMMAND_SEQUENCE_ERROR)
+                    rl = hrl.get_rate_limit(pf, e.scid)
+                    vf["rate_limit"] = {"enabled": rl.enabled, "iops": rl.tiops, "write_iops": rl.wiops,
+                                        "bandwidth": rl.tbwv, "write_bandwidth": rl.wbwv, "bwsf": rl.bwsf}
+                vfs.append(vf)
+            udmqs = [i for i in range(MCUDMQ) if self._probe(ht.cdq_get(i), 512, INVALID_CDQ)]
+        return {"exported_subsystems": subsystems, "namespaces": namespaces, "vfs": vfs, "udmqs": udmqs}
+
+    def _probe(self, sqe: SQE, read: int, absent: st.Status) -> bool:
+        """True if the command succeeds, False if it fails with `absent`; any other failure raises."""
+        comp, _ = self.pf.admin(sqe, read=read, check=False)
+        if comp.ok:
+            return True
+        if (comp.st.sct, comp.st.sc) == (absent.sct, absent.sc):
+            return False
+        raise NvmeCommandError(f"probe {sqe.opcode:#x}", comp)
+
+    def release_orphans(self) -> list[str]:
+        """Everything a VM held on this device, released: for an agent that starts (a VM lives in its agent's
+        process, so none survives a restart and whatever the last agent provisioned is an orphan: exported
+        subsystems with their associations, namespaces, VFs). Best effort per step; returns what was
+        released and, prefixed "left:", what could not be."""
+        pf, out = self.pf, []
+
+        def attempt(what: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+                out.append(what)
+            except Exception as e:
+                out.append(f"left: {what}: {e}")
+
+        with self._mgmt:
+            for e in hx.list_subsystems(pf):
+                esubid = e.esubid
+                for c in hx.exported_controllers(pf, esubid):
+                    if c.cntlid != 0xFFFF:
+                        with contextlib.suppress(Exception):
+                            hv.offline(pf, c.cntlid)
+                        attempt(f"controller {c.cntlid} of exported subsystem {esubid}",
+                                functools.partial(hx.disassociate_controllers, pf, esubid, [(c.cntlid, c.ecntlid)]))
+                for n in hx.exported_namespaces(pf, esubid):
+                    if n.unsid:
+                        attempt(f"namespace {n.unsid} of exported subsystem {esubid}",
+                                functools.partial(hx.disassociate_namespace, pf, esubid, n.ensid))
+                attempt(f"exported subsystem {esubid}", functools.partial(hx.delete, pf, esubid))
+            for nsid in decode_nsid_list(pf.identify(CNS.ALLOCATED_NS_LIST)):
+                with contextlib.suppress(Exception):
+                    pf.detach_namespace(nsid, [self.cntlid])
+                attempt(f"namespace {nsid}", functools.partial(pf.delete_namespace, nsid))
+            for e in hv.secondary_controllers(pf):
+                if e.online or e.nvq or e.nvi:
+                    attempt(f"VF {e.vfn}", functools.partial(hv.offline, pf, e.scid))
+        return out
 
     # ------------------------------------------------------------------------------ the VF's PCIe side
     def map_guest(self, slot: VfSlot, mem: GuestMemory) -> None:

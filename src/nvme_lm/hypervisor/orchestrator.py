@@ -153,7 +153,8 @@ def vm_spec(sc: Scenario) -> VmSpec:
                   capacity_bytes=ns.capacity_bytes, prefill_bytes=ns.prefill_bytes, pattern=w.pattern,
                   block_size=w.block_size, iodepth=w.iodepth, rwmixread=w.rwmixread, rate_iops=w.rate_iops,
                   hot_set=w.hot_set, hot_share=w.hot_share,
-                  trim_percent=w.trim_percent if w.pattern == "trim" else 0, identity_check_s=w.identity_check_s)
+                  trim_percent=w.trim_percent if w.pattern == "trim" else 0, identity_check_s=w.identity_check_s,
+                  region_bytes=w.region_bytes)
 
 
 def migration_options(sc: Scenario) -> dict[str, Any]:
@@ -161,7 +162,8 @@ def migration_options(sc: Scenario) -> dict[str, Any]:
     return {"downtime_target_ms": m.downtime_target_ms, "max_passes": m.max_passes,
             "copy_chunk_bytes": m.copy_chunk_bytes, "verify_ram": m.verify_ram, "verify_lbas": m.verify_lbas,
             "policy": m.policy, "throttle": m.throttle, "give_up_s": m.give_up_s,
-            "max_bandwidth_mib_s": m.max_bandwidth_mib_s, "timeout_s": m.timeout_s}
+            "max_bandwidth_mib_s": m.max_bandwidth_mib_s, "timeout_s": m.timeout_s,
+            "reply_timeout_s": m.reply_timeout_s}
 
 
 async def _sleep_watching(client: ControlClient, seconds: float, on_event: Event) -> None:
@@ -179,7 +181,12 @@ async def _sleep_watching(client: ControlClient, seconds: float, on_event: Event
 async def run_scenario(sc: Scenario, workdir: Path, on_event: Event | None = None,
                        netns: bool = False) -> dict[str, Any]:
     """Runs `sc` with its agents under `workdir`; returns the report (also on failure, with ok False).
-    `netns`: each agent in its own network namespace, the link shaped from `[hosts]` (hypervisor/netns.py)."""
+    `netns`: each agent in its own network namespace, the link shaped from `[hosts]` (hypervisor/netns.py).
+    A scenario with a fault armed (`[faults]`) runs as a cell of the fault matrix (fault_matrix.py)."""
+    if sc.faults.armed:
+        from nvme_lm.hypervisor.fault_matrix import run_fault_scenario  # it builds on this module
+
+        return await run_fault_scenario(sc, workdir, on_event, netns=netns)
     emit: Event = on_event or (lambda kind, data: None)
     workdir.mkdir(parents=True, exist_ok=True)
     pki_dir = workdir / "pki"
@@ -241,7 +248,7 @@ async def run_scenario(sc: Scenario, workdir: Path, on_event: Event | None = Non
 async def _migrate_leg(i: int, src: ControlClient, dst: ControlClient, dst_agent: AgentProcess, sc: Scenario,
                        emit: Event) -> dict[str, Any]:
     emit("phase", {"text": f"leg {i}: {src.agent.name} -> {dst.agent.name}"})
-    await dst.put("vm.receive-migration", {"vm": sc.vm.name})
+    await dst.put("vm.receive-migration", {"vm": sc.vm.name, "reply_timeout_s": sc.migration.reply_timeout_s})
     await src.put("vm.send-migration", {"destination": dst_agent.migrate, "server_name": dst_agent.name,
                                         "options": migration_options(sc)})
     while True:

@@ -190,6 +190,12 @@ class WorkloadSpec:
     trim_percent: int = _key(_int(0, 100), 10)
     identity_check_s: float = _key(_num(0.0, above=True), 1.0)
     run_after_s: float = _key(_num(0.0), 1.0)
+    region_gib: float = _key(_num(0.0), 0.0)  # the workload's part of the namespace, from LBA 0; 0: all of it
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of the namespace the workload uses (0: the whole namespace)."""
+        return round(self.region_gib * GIB)
 
     @property
     def read_fraction(self) -> float:
@@ -237,15 +243,38 @@ class MigrationSpec:
     give_up_s: float = _key(_num(0.0), 0.0)  # 0: only timeout_s ends a leg that does not converge
     max_bandwidth_mib_s: float = _key(_num(0.0), 0.0)  # the engine's own cap on the stream; 0: none
     timeout_s: float = _key(_num(0.0, above=True), 60.0)
+    reply_timeout_s: float = _key(_num(0.0, above=True), 30.0)  # a peer silent (or not reading) this long is gone
 
     @property
     def copy_chunk_bytes(self) -> int:
         return self.copy_chunk_kib * KIB
 
 
+def _fault_kinds() -> list[str]:
+    from nvme_lm.hypervisor.faults import KINDS  # the engine's list, loaded only when a [faults] key is checked
+
+    return ["none", *KINDS]
+
+
+def _fault_phases() -> list[str]:
+    from nvme_lm.hypervisor.faults import PHASES
+
+    return list(PHASES)
+
+
 @dataclass(frozen=True)
 class FaultsSpec:
-    """`[faults]`: reserved for fault injection (issue 6); must be empty for now."""
+    """`[faults]`: one fault injected into one leg (issue 6's fault matrix, docs/faults.md)."""
+
+    kind: str = _key(_choice(_fault_kinds), "none")  # none: no fault
+    phase: str = _key(_choice(_fault_phases), "pre-copy")
+    leg: int = _key(_int(1, 100), 1)  # which leg gets the fault
+    after_s: float = _key(_num(0.0), 0.0)  # fire this long after the phase's point (the engine is not held)
+    out_of_space: str = _key(_choice(("auto", "tmpfs", "inject")), "auto")  # how the destination's disk fills
+
+    @property
+    def armed(self) -> bool:
+        return self.kind != "none"
 
 
 @dataclass(frozen=True)
@@ -430,14 +459,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>", *, check
     if not isinstance(data, Mapping):
         raise ScenarioError([f"{source}: a scenario must be a table of keys, not {type(data).__name__}"])
     data = dict(data)
-    faults = data.pop("faults", {})
     hosts = _parse_hosts(ctx, data.pop("hosts")) if "hosts" in data else HostsSpec()
     kwargs = _parse_table(ctx, Scenario, data, "", extra=("hosts",))
-    if not isinstance(faults, Mapping):
-        ctx.problem("", "faults", "must be a table ([faults])", faults)
-    else:
-        for key in faults:
-            ctx.problem("faults", key, "fault injection is not implemented yet (issue 6): leave [faults] empty")
     # `from` / `to` default to the first two hosts of this file, not to the built-in default's
     given = data.get("migration")
     given = given if isinstance(given, Mapping) else {}
@@ -496,12 +519,25 @@ def _cross_checks(ctx: _Ctx, s: Scenario, check_hosts: bool) -> None:
     # the workload against the namespace and guest RAM
     if ctx.ok(bs, lba) and wl.block_size % ns.lba_size:
         ctx.problem(WL, "block_size", f"must be a multiple of lba_size ({ns.lba_size})", wl.block_size)
+    region = (WL, "region_gib")
+    if ctx.ok(cap, bs, region) and wl.region_gib:
+        exact = wl.region_gib * GIB
+        if exact > ns.capacity_bytes:
+            ctx.problem(WL, "region_gib", f"larger than capacity_gib ({_fmt(ns.capacity_gib)})", wl.region_gib)
+        elif not exact.is_integer() or int(exact) % wl.block_size:
+            ctx.problem(WL, "region_gib", f"{_fmt(exact)} bytes is not a whole number of {wl.block_size}-byte "
+                        "blocks", wl.region_gib)
+        elif ctx.ok((NS, "prefill_gib")) and ns.prefill_gib > wl.region_gib:
+            ctx.problem(NS, "prefill_gib", f"larger than [vm.workload] region_gib ({_fmt(wl.region_gib)}): the "
+                        "prefill writes the workload's region", ns.prefill_gib)
     depth = ((WL, "iodepth"), (VM, "queues"))
-    if ctx.ok(cap, lba, bs, *depth) and wl.block_size % ns.lba_size == 0:
+    if ctx.ok(cap, lba, bs, region, *depth) and wl.block_size % ns.lba_size == 0:
         need = 2 * wl.iodepth * vm.queues
-        if ns.capacity_bytes // wl.block_size < need:
-            ctx.problem(NS, "capacity_gib", f"holds {ns.capacity_bytes // wl.block_size} blocks of {wl.block_size} "
-                        f"B; the workload needs at least 2 x iodepth x queues = {need}", ns.capacity_gib)
+        used = wl.region_bytes or ns.capacity_bytes
+        if used // wl.block_size < need:
+            key, value = ("region_gib", wl.region_gib) if wl.region_gib else ("capacity_gib", ns.capacity_gib)
+            ctx.problem(WL if wl.region_gib else NS, key, f"holds {used // wl.block_size} blocks of "
+                        f"{wl.block_size} B; the workload needs at least 2 x iodepth x queues = {need}", value)
     if ctx.ok(bs, *depth, (VM, "memory_mib")):
         buffers = vm.queues * wl.iodepth * wl.block_size
         if buffers > vm.memory_bytes // 2:
@@ -538,6 +574,8 @@ def _cross_checks(ctx: _Ctx, s: Scenario, check_hosts: bool) -> None:
     for i, h in enumerate(listening):
         if any(h.listen == o.listen for o in listening[:i]):
             ctx.problem(f"hosts.{h.name}", "listen", "another host listens there already", h.listen)
+    if ctx.ok(("faults", "leg"), (MIG, "repeat")) and s.faults.leg > mig.repeat:
+        ctx.problem("faults", "leg", f"must be at most [migration] repeat ({mig.repeat})", s.faults.leg)
     if check_hosts:
         _host_checks(ctx, s)
 

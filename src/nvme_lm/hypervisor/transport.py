@@ -48,6 +48,8 @@ class Channel:
         self._queue: deque[Message] = deque()
         self._failure: BaseException | None = None
         self.peer_name = _peer_cn(writer)
+        # a peer that takes nothing for this long (a cut link: the socket buffers fill) ends the stream; None: wait
+        self.send_timeout: float | None = None
         # TLS encrypts on write, so what waits in the buffer is ciphertext, not the caller's memory; a
         # deeper buffer than asyncio's 64 KiB keeps the socket busy while the sender prepares the next frame
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
@@ -66,7 +68,11 @@ class Channel:
         frames = self.session.send(msg) if isinstance(msg, Message | LbaData | LbaDeallocate | RamData) else msg
         try:
             self._writer.writelines(regroup(frames, WRITE_PIECE))
-            await self._writer.drain()
+            async with asyncio.timeout(self.send_timeout):
+                await self._writer.drain()
+        except TimeoutError:  # (an OSError: first) part of a frame may be out: the stream cannot go on
+            self._writer.transport.abort()
+            raise StreamClosed(f"send to {self.peer_name}: the peer took nothing for {self.send_timeout:g} s") from None
         except OSError as exc:  # reset, broken pipe, TLS error
             raise StreamClosed(f"send to {self.peer_name}: {exc}") from exc
 
@@ -107,7 +113,7 @@ class Channel:
         """Close (TLS close_notify, bounded wait); the connection is aborted if the peer does not answer."""
         self._writer.close()
         try:
-            async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+            async with asyncio.timeout(min(SHUTDOWN_TIMEOUT, self.send_timeout or SHUTDOWN_TIMEOUT)):
                 await self._writer.wait_closed()
         except (OSError, TimeoutError):
             self._writer.transport.abort()
