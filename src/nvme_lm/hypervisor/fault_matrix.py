@@ -203,13 +203,8 @@ async def _ended(client: ControlClient) -> dict[str, Any] | None:
 
 
 def _link_up(net: Any, host: str, names: list[str]) -> None:
-    """The cable back in; the neighbour entries that failed while it was out are dropped, or the next
-    connection would be refused (EHOSTUNREACH) until they age out."""
-    from nvme_lm.hypervisor.netns import IFNAME, run
-
+    """The cable back in (TestNetwork.link_up also drops the neighbour entries that failed meanwhile)."""
     net.link_up(host)
-    for n in names:
-        run(["ip", "-n", net.netns(n), "neigh", "flush", "dev", IFNAME], check=False)
 
 
 def _dead_source_leg(status: dict[str, Any], t_start: float, why: str) -> dict[str, Any]:

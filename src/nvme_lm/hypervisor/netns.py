@@ -285,7 +285,11 @@ class TestNetwork:
         run(["ip", "-n", self.wire_ns, "link", "set", self._host(host).port, "down"])
 
     def link_up(self, host: str) -> None:
+        """The cable back in. Neighbour entries that failed while it was out are dropped on every host,
+        or the next connection would be refused (EHOSTUNREACH) until they age out."""
         run(["ip", "-n", self.wire_ns, "link", "set", self._host(host).port, "up"])
+        for h in self.hosts.values():
+            run(["ip", "-n", h.netns, "neigh", "flush", "dev", IFNAME], check=False)
 
     @property
     def namespaces(self) -> list[str]:
