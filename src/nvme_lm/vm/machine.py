@@ -23,7 +23,7 @@ import numpy as np
 
 from nvme_lm.host import commands as cmd
 from nvme_lm.host.driver import NvmeDriver
-from nvme_lm.host.qpair import Completion, NvmeTimeout
+from nvme_lm.host.qpair import Completion
 from nvme_lm.pcie.function import PcieFunction
 from nvme_lm.vm.memory import GuestMemory
 from nvme_lm.vm.timeline import Timeline
@@ -34,7 +34,6 @@ GUEST_BASE = 0x1000_0000  # guest-physical address of the first byte of RAM
 VM_STATE_VERSION = 1
 AER_TAG = "aer"
 FOLD_EVERY_S = 0.5
-_FILL_SEED = 0x5EED
 PATTERNS = ("randread", "randwrite", "randrw", "write", "trim")
 
 
@@ -544,11 +543,3 @@ class Vm:
     def close(self) -> None:
         if self.running:
             self.kill()
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise NvmeTimeout(f"timed out waiting for {what}")
-        time.sleep(0.002)
