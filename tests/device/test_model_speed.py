@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 from nvme_lm.device.model import DeviceModel
@@ -174,9 +173,10 @@ def test_qd1_read_latency_follows_the_model(host_factory):
     model_a, model_b = a.ssd.model.read_latency_us, b.ssd.model.read_latency_us
     assert min(la) >= model_a  # a command is never faster than the media
     assert min(lb) >= model_b
-    # Scheduling noise only ever adds time, so the low percentiles show the path's floor: emulator
-    # overhead plus the media latency. They must differ by (most of) the models' difference.
-    gap = float(np.percentile(lb, 10) - np.percentile(la, 10))
+    # Scheduling noise only ever adds time, so the fastest samples show the path's floor: emulator
+    # overhead plus the media latency. They must differ by (most of) the models' difference. (The
+    # minimum, not a low percentile: on a loaded 2-core machine even the 10th percentile can be noise.)
+    gap = float(min(lb) - min(la))
     assert gap >= 0.5 * (model_b - model_a), f"vendor-b only {gap:.0f} µs slower than vendor-a"
 
 
