@@ -15,7 +15,6 @@ SEEK_HOLE. `match` says both found the same byte ranges (the extents are unit al
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -26,30 +25,19 @@ from typing import Any
 
 import click
 
+from nvme_lm.device.namespace import file_extents
+
 KIB = 1 << 10
 GIB = 1 << 30
 
 
 def seek_scan(path: Path) -> list[tuple[int, int]]:
     """(offset, length) of every data extent, by SEEK_DATA/SEEK_HOLE: the baseline."""
-    out: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, hole - data))
-            pos = hole
+        return list(file_extents(fd))
     finally:
         os.close(fd)
-    return out
 
 
 def _write_extents(path: Path, size: int, count: int, max_bytes: int, seed: int) -> int:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -50,6 +49,9 @@ from typing import Any
 
 import click
 import numpy as np
+
+from nvme_lm.device.namespace import file_extents
+from nvme_lm.hypervisor.control import json_safe
 
 MIB, GIB = 1 << 20, 1 << 30
 KEYS = ("precopy_ratio", "bytes_ratio", "blackout_p50_ms", "blackout_p99_ms", "capacity_ratio",
@@ -183,20 +185,7 @@ def write_sparse_source(path: Path, capacity: int, allocated: int, seed: int = 1
 
 def data_extents(fd: int) -> list[tuple[int, int]]:
     """(offset, length) of every data extent of an open file, by SEEK_DATA/SEEK_HOLE."""
-    out = []
-    size = os.fstat(fd).st_size
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        out.append((data, hole - data))
-        pos = hole
-    return out
+    return list(file_extents(fd))
 
 
 def sparse_copy(src: Path, dst: Path, *, userspace: bool = False) -> int:
@@ -700,14 +689,7 @@ def run_migrate_bench(cfg: BenchConfig, *, workdir: Path | None = None, progress
 
 
 # ============================================================================================ output
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
+
 
 
 def _f(v: Any, nd: int = 1) -> str:

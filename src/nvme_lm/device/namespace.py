@@ -45,6 +45,25 @@ def _after(views: list[memoryview], skip: int) -> list[memoryview]:
     return []
 
 
+def file_extents(fd: int, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """(offset, length) of an open file's data extents within [start, end), by SEEK_DATA/SEEK_HOLE
+    (end: the file's size). Namespaces, and the benchmarks' baselines, read allocation this way."""
+    end = os.fstat(fd).st_size if end is None else end
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
 @dataclass
 class NamespaceInfo:
     """What is persisted next to the data file, so a restarted device sees the same namespace."""
@@ -218,20 +237,7 @@ class Namespace:
     def allocated_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """(offset, length) in bytes of the file's data extents within [start, end)."""
         size = self.info.nsze << self.lba_shift
-        end = size if end is None else min(end, size)
-        pos = start
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    return
-                raise
-            if data >= end:
-                return
-            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
-            yield data, hole - data
-            pos = hole
+        return file_extents(self.fd, start, size if end is None else min(end, size))
 
     def allocated_bytes(self) -> int:
         return sum(n for _, n in self.allocated_extents())
