@@ -538,18 +538,7 @@ class Workload:
             if n and not inflight:
                 self._anchor_ns = now  # idle until now (paced): the hang clock starts with this batch
             for _ in range(n):
-                pos = self._pos
-                if pos == _BATCH:
-                    self._refill()
-                    pos = 0
-                block = self._bblocks[pos]
-                kind = self._bkinds[pos]
-                self._pos = pos + 1
-                tries = 0
-                while block in inflight:  # never two I/Os on one block at once
-                    tries += 1
-                    if tries > _SKIP_LIMIT:
-                        break
+                for _draw in range(_SKIP_LIMIT + 1):  # never two I/Os on one block at once: draw again
                     pos = self._pos
                     if pos == _BATCH:
                         self._refill()
@@ -557,11 +546,12 @@ class Workload:
                     block = self._bblocks[pos]
                     kind = self._bkinds[pos]
                     self._pos = pos + 1
-                else:
-                    submit(free.pop(), block, kind)
-                    stats.submitted += 1
-                    if left > 0:
-                        left -= 1
+                    if block not in inflight:
+                        submit(free.pop(), block, kind)
+                        stats.submitted += 1
+                        if left > 0:
+                            left -= 1
+                        break
             qp.ring()
             if gate is not None:
                 self._pass_gate(gate)
