@@ -18,7 +18,6 @@ from nvme_lm.fabrics.connection import (
     ConnectionClosed,
     ConnState,
     H2CDataReceived,
-    HostConnection,
     IcReqReceived,
     LocalProtocolError,
     ProtocolError,
@@ -28,6 +27,7 @@ from nvme_lm.fabrics.connection import (
     TermReqReceived,
     icd_limit,
 )
+from nvme_lm.fabrics.host_connection import HostConnection
 from nvme_lm.fabrics.pdu import (
     R2T,
     C2HData,

@@ -487,7 +487,7 @@ def test_mutated_command_streams_never_hurt_the_server(tmp_path: Path, caplog: p
     target keeps serving."""
     import random
 
-    from nvme_lm.fabrics.connection import HostConnection
+    from nvme_lm.fabrics.host_connection import HostConnection
 
     async def body() -> None:
         async with serving(tmp_path) as (_, sub, port):

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from nvme_lm.fabrics.connection import (
     C2HDataReceived,
     ConnectionClosed,
-    HostConnection,
     IcRespReceived,
     ProtocolError,
     R2TReceived,
@@ -27,6 +26,7 @@ from nvme_lm.fabrics.connection import (
     TermReqReceived,
     icd_limit,
 )
+from nvme_lm.fabrics.host_connection import HostConnection
 from nvme_lm.fabrics.pdu import FABRICS_ICD_MAX, Buffer
 from nvme_lm.spec import fabrics as fab
 from nvme_lm.spec.commands import CQE, SQE
