@@ -16,7 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from nvme_lm.device.error_log import ErrorLog
-from nvme_lm.device.events import AsyncEvent, AsyncEventType, ErrorEventInfo, EventQueue
+from nvme_lm.device.events import AsyncEvent, AsyncEventType, ErrorEventInfo, EventDelivery, EventQueue
 from nvme_lm.device.feature_defaults import default_feature_specs
 from nvme_lm.device.features import FeatureState
 from nvme_lm.device.interrupts import InterruptAggregator
@@ -43,7 +43,7 @@ ENGINE_PASS_LIMIT = 256  # commands per engine pass before its interrupts are si
 CC_WRITABLE = 0x00FFFFF1  # EN, CSS, MPS, AMS, SHN, IOSQES, IOCQES
 
 
-class Controller:
+class Controller(EventDelivery):
     def __init__(self, subsystem: NvmSubsystem, cntlid: int, fn: PcieFunction, *,
                  admin_handlers: dict[int, Handler] | None = None,
                  io_handlers: dict[int, Handler] | None = None) -> None:
@@ -448,23 +448,6 @@ class Controller:
     def restart_keep_alive(self) -> None:
         kato = self.features.get(FID_KEEP_ALIVE)
         self.keep_alive_deadline = time.monotonic() + kato / 1000 if kato else None
-
-    # ================================================================ async events
-    def post_event(self, event: AsyncEvent) -> None:
-        if not self.features.async_event_enabled(event.type, event.info):
-            return  # masked by Asynchronous Event Configuration (FID 0Bh)
-        with self._lock:
-            self.events.add(event)
-            self.deliver_events()
-
-    def deliver_events(self) -> None:
-        while self.aers:
-            ev = self.events.next_reportable()
-            if ev is None:
-                return
-            req = self.aers.popleft()
-            req.dw0, req.dw1 = ev.dw0, ev.dw1
-            self.complete_deferred(req, st.SUCCESS)
 
     # ================================================================ lookups for handlers
     def namespace(self, nsid: int) -> Namespace | None:

@@ -10,6 +10,8 @@ from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
+from nvme_lm.spec.status import SUCCESS
+
 
 class AsyncEventType(IntEnum):
     ERROR = 0
@@ -75,3 +77,25 @@ class EventQueue:
     def clear(self) -> None:
         self.pending.clear()
         self.masked_logs.clear()
+
+
+class EventDelivery:
+    """Posting and delivering asynchronous events, for any controller (PCIe or fabrics) that has
+    `features`, `_lock`, `events` (EventQueue), `aers` (outstanding AER requests) and
+    `complete_deferred(req, status)`."""
+
+    def post_event(self, event: AsyncEvent) -> None:
+        if not self.features.async_event_enabled(event.type, event.info):  # type: ignore[attr-defined]
+            return  # masked by Asynchronous Event Configuration (FID 0Bh)
+        with self._lock:  # type: ignore[attr-defined]
+            self.events.add(event)  # type: ignore[attr-defined]
+            self.deliver_events()
+
+    def deliver_events(self) -> None:
+        while self.aers:  # type: ignore[attr-defined]
+            ev = self.events.next_reportable()  # type: ignore[attr-defined]
+            if ev is None:
+                return
+            req = self.aers.popleft()  # type: ignore[attr-defined]
+            req.dw0, req.dw1 = ev.dw0, ev.dw1
+            self.complete_deferred(req, SUCCESS)  # type: ignore[attr-defined]

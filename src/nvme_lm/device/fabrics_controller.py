@@ -34,7 +34,7 @@ from nvme_lm.device.admin import ADMIN_HANDLERS
 from nvme_lm.device.admin import identify as admin_identify
 from nvme_lm.device.controller import CC_WRITABLE
 from nvme_lm.device.error_log import ErrorLog
-from nvme_lm.device.events import AsyncEvent, EventQueue
+from nvme_lm.device.events import EventDelivery, EventQueue
 from nvme_lm.device.features import FeatureSpec, FeatureState
 from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.nvm_io import IO_HANDLERS
@@ -402,7 +402,7 @@ def writes_data(sqe: SQE) -> bool:
 
 
 # ================================================================================= the controller
-class FabricsController:
+class FabricsController(EventDelivery):
     """A controller of a fabrics subsystem (see the module doc). Thread safety: commands run under `_lock`
     (the transport's event loop runs them); deferred completions may come from the media pacer's thread."""
 
@@ -706,23 +706,6 @@ class FabricsController:
             self.error_log.record(0, 0xFFFF, st.KEEP_ALIVE_EXPIRED.field)
             self.csts |= CSTS.CFS
         return True
-
-    # ---- asynchronous events (as controller.py)
-    def post_event(self, event: AsyncEvent) -> None:
-        if not self.features.async_event_enabled(event.type, event.info):
-            return
-        with self._lock:
-            self.events.add(event)
-            self.deliver_events()
-
-    def deliver_events(self) -> None:
-        while self.aers:
-            ev = self.events.next_reportable()
-            if ev is None:
-                return
-            req = self.aers.popleft()
-            req.dw0, req.dw1 = ev.dw0, ev.dw1
-            self.complete_deferred(req, st.SUCCESS)
 
 
 # ================================================================================= Connect
