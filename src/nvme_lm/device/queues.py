@@ -106,10 +106,8 @@ class CompletionQueue:
             self.tail = 0
             self.phase ^= 1
         view, off = self.ring.slot(slot)
-        iommu = self.fn.iommu
-        iommu.landed()  # the command's data writes are in memory: trackers see them again
         pack_cqe_into(view, off, dw0, dw1, sqhd, sqid, cid, status, phase)
-        on_write = iommu.on_write
+        on_write = self.fn.iommu.on_write
         if on_write is not None:  # after the write: a tracker drained now cannot miss the CQE
             on_write(self.ring.addr(slot), CQE_SIZE)
 

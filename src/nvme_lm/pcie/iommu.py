@@ -41,9 +41,9 @@ class Iommu:
     `on_write` (optional) is told of every range the device is about to write; the memory
     change tracking of TP4159 (Track Send, Track Memory Changes) hooks in there. Because a
     tracker may be drained between that notice and the write itself, the device calls
-    `landed()` once the writes are done (before it posts the completion that makes them
-    visible), and the ranges written since are announced again: a page a hypervisor copied
-    too early is dirty once more.
+    `landed()` once a command's writes are done (the controller, after each command's handler),
+    and the ranges written since are announced again: a page a hypervisor copied too early is
+    dirty once more.
     `generation` changes on every unmap so holders of cached views know to translate again.
     Mapping lists are replaced, never edited in place, so a device thread translating while
     the host maps or unmaps sees either the old or the new table, never a torn one.
