@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from nvme_lm.cli import bench_migrate as bm
+from nvme_lm.cli import bench_migrate_metrics as bmm
 from nvme_lm.cli.main import cli
 from nvme_lm.hypervisor.orchestrator import vm_spec
 from nvme_lm.hypervisor.scenario import ScenarioError, default_scenario
@@ -80,12 +81,12 @@ def _report(legs, iops, *, ios=1000, writes=300):
 
 def test_window_ios_counts_bins_pro_rata():
     tl = {"bin_s": 0.01, "iops": [100.0] * 100 + [300.0] * 100}  # 1 I/O per bin, then 3
-    assert bm.window_ios(tl, 0.0, 1.0) == pytest.approx(100)
-    assert bm.window_ios(tl, 0.5, 1.5) == pytest.approx(50 + 150)
-    assert bm.window_ios(tl, 0.005, 0.015) == pytest.approx(1.0)  # half of two bins
-    assert bm.window_ios(tl, 1.5, 9.0) == pytest.approx(150)  # past the end: nothing more
-    assert bm.window_iops(tl, 1.0, 2.0) == pytest.approx(300)
-    assert bm.window_ios(tl, 1.0, 1.0) == 0.0
+    assert bmm.window_ios(tl, 0.0, 1.0) == pytest.approx(100)
+    assert bmm.window_ios(tl, 0.5, 1.5) == pytest.approx(50 + 150)
+    assert bmm.window_ios(tl, 0.005, 0.015) == pytest.approx(1.0)  # half of two bins
+    assert bmm.window_ios(tl, 1.5, 9.0) == pytest.approx(150)  # past the end: nothing more
+    assert bmm.window_iops(tl, 1.0, 2.0) == pytest.approx(300)
+    assert bmm.window_ios(tl, 1.0, 1.0) == 0.0
 
 
 def test_precopy_and_capacity_ratios():
@@ -93,7 +94,7 @@ def test_precopy_and_capacity_ratios():
                passes=[_pass(0, "full", 0.6, 1.6, 256 * MIB, 4 * MIB), _pass(1, "final", 2.5, 0.01, 0)])
     base = {"seconds": 0.2, "min_s": 0.15, "max_s": 0.3, "bytes": 256 * MIB, "userspace_seconds": 0.4, "what": "x"}
     slower = dict(leg, pass_table=[dict(leg["pass_table"][0], duration_s=3.0)])
-    p = bm.precopy_metrics([_report([slower], [10]), _report([leg], [10])], base)  # the fastest run counts
+    p = bmm.precopy_metrics([_report([slower], [10]), _report([leg], [10])], base)  # the fastest run counts
     assert p["precopy_ratio"] == pytest.approx(8.0) and p["leg_ratio"] == pytest.approx(11.0)
     assert p["userspace_ratio"] == pytest.approx(4.0) and p["pass0_mib_s"] == pytest.approx(260 / 1.6)
     assert p["runs"] == 2 and p["pass0_s_all"] == [3.0, 1.6]
@@ -101,7 +102,7 @@ def test_precopy_and_capacity_ratios():
                  passes=[_pass(0, "full", 0.6, 1.0, GIB)])
     big = _leg(1, t_start=0.5, t_pause=2.0, total=2.3, allocated=GIB, lba=GIB,
                passes=[_pass(0, "full", 0.6, 1.1, GIB)])
-    c = bm.capacity_metrics([_report([big], [10]), _report([dict(big, total_s=5.0)], [10])],
+    c = bmm.capacity_metrics([_report([big], [10]), _report([dict(big, total_s=5.0)], [10])],
                             [_report([dict(small, ok=False, total_s=1.0)], [10]), _report([small], [10])])
     assert c["big_leg_s_all"] == [2.3, 5.0] and c["small_leg_s_all"] == [1.0, 2.0]  # a failed leg does not count
     assert c["capacity_ratio"] == pytest.approx(1.15) and c["pass0_ratio"] == pytest.approx(1.1) and c["ok"]
@@ -113,7 +114,7 @@ def test_bytes_ratio_counts_guest_writes_between_pass_0_and_the_pause():
                  passes=[_pass(0, "full", 1.0, 1.0, 100 * MIB)]),
             _leg(2, ok=False, t_start=3.5, t_pause=4.0, total=1.0, allocated=100 * MIB, lba=5 * MIB,
                  passes=[_pass(0, "full", 3.6, 1.0, 5 * MIB)])]  # a failed leg does not count
-    b = bm.bytes_metrics([_report(legs, [1000] * 5, ios=1000, writes=300)], 4096)
+    b = bmm.bytes_metrics([_report(legs, [1000] * 5, ios=1000, writes=300)], 4096)
     assert b["legs"] == 1 and b["write_share"] == pytest.approx(0.3)
     assert b["redirtied_bytes"] == pytest.approx(600 * 4096, rel=1e-6)
     assert b["bytes_ratio"] == pytest.approx(1.0)
@@ -125,7 +126,7 @@ def test_blackout_percentiles_over_the_successful_legs():
                  passes=[_pass(0, "full", i, 0.1, MIB)], blackout=float(10 * i), pause=float(5 * i))
             for i in range(1, 21)]
     legs.append(_leg(21, ok=False, t_start=30, t_pause=31, total=1, allocated=MIB, lba=0, passes=[]))
-    b = bm.blackout_metrics([_report(legs[:10], [10]), _report(legs[10:], [10])])
+    b = bmm.blackout_metrics([_report(legs[:10], [10]), _report(legs[10:], [10])])
     assert b["legs_ok"] == 20 and b["legs"] == 21 and b["runs"] == 2 and b["failed_legs"] == ["gave up"]
     assert b["blackout_p50_ms"] == pytest.approx(105.0) and b["blackout_max_ms"] == 200.0
     assert b["blackout_p99_ms"] == pytest.approx(198.1)  # numpy's linear interpolation between 190 and 200
@@ -142,8 +143,8 @@ def test_throttle_figures_converged_means_ok_and_blackout_within_target():
     leg = _leg(1, t_start=1.5, t_pause=5.0, total=3.7, allocated=16 * MIB, lba=25 * MIB, passes=passes, blackout=45.0)
     # 1600 IOPS before the migration, 800 while it runs unthrottled, 400 once writes are limited
     r = _report([leg], [1600, 1600, 800, 800, 400, 400], ios=1000, writes=500)
-    assert bm.WARMUP_S < 1.5
-    t = bm.throttle_metrics(r, target_ms=50.0, block_size=16384, link_mib_s=6.25)
+    assert bmm.WARMUP_S < 1.5
+    t = bmm.throttle_metrics(r, target_ms=50.0, block_size=16384, link_mib_s=6.25)
     assert t["converged"] and t["precopy_converged"] and t["ok"]
     assert t["switch_expected_ms"] == pytest.approx(200_000 / (6 * MIB) * 1000)
     assert t["iops_before"] == pytest.approx(1600)
@@ -151,35 +152,36 @@ def test_throttle_figures_converged_means_ok_and_blackout_within_target():
     assert t["throughput_kept_throttled"] == pytest.approx((0.4 * 800 + 1 * 400) / 1.4 / 1600)
     assert t["guest_write_mib_s"] == pytest.approx(1600 * 0.5 * 16384 / MIB) and t["write_to_link"] == pytest.approx(2)
     assert t["max_write_limit_mib_s"] == 2.0 and t["last_decision"].startswith("converged")
-    slow = bm.throttle_metrics(_report([dict(leg, blackout_ms=80.0)], [1600] * 6), target_ms=50.0,
+    slow = bmm.throttle_metrics(_report([dict(leg, blackout_ms=80.0)], [1600] * 6), target_ms=50.0,
                                block_size=16384, link_mib_s=6.25)
     assert not slow["converged"] and slow["precopy_converged"]  # pre-copy converged, the blackout did not fit
     failed = _leg(1, ok=False, t_start=1.5, t_pause=0, total=10.0, allocated=16 * MIB, lba=40 * MIB,
                   passes=passes[:2])
-    f = bm.throttle_metrics(_report([failed], [1600] * 12), target_ms=50.0, block_size=16384, link_mib_s=6.25)
+    f = bmm.throttle_metrics(_report([failed], [1600] * 12), target_ms=50.0, block_size=16384, link_mib_s=6.25)
     assert not f["converged"] and not f["precopy_converged"] and f["switch_expected_ms"] == math.inf
-    none = bm.throttle_metrics({**_report([], [1600]), "error": "agents did not start"}, target_ms=50.0,
+    none = bmm.throttle_metrics({**_report([], [1600]), "error": "agents did not start"}, target_ms=50.0,
                                block_size=16384, link_mib_s=6.25)
     assert not none["converged"] and none["passes"] == 0
 
 
 def test_infrastructure_failures_are_told_from_measured_ones():
     ok = _report([_leg(1, t_start=1, t_pause=2, total=1, allocated=MIB, lba=MIB, passes=[])], [10])
-    assert bm.infrastructure_failure(ok) is None
+    assert bmm.infrastructure_failure(ok) is None
     gave_up = _report([_leg(1, ok=False, t_start=1, t_pause=2, total=1, allocated=MIB, lba=MIB, passes=[])], [10])
-    assert bm.infrastructure_failure(gave_up) is None  # the policy's doing: that is what is measured
+    assert bmm.infrastructure_failure(gave_up) is None  # the policy's doing: that is what is measured
     pf = _report([dict(gave_up["legs"][0], error="NvmeTimeout: no PF copy command completed within 10.0s")], [10])
-    assert "NvmeTimeout" in bm.infrastructure_failure(pf)
-    assert bm.infrastructure_failure({**_report([], [10]), "error": "OrchestrationError: x"}) == "OrchestrationError: x"
+    assert "NvmeTimeout" in bmm.infrastructure_failure(pf)
+    failed_run = {**_report([], [10]), "error": "OrchestrationError: x"}
+    assert bmm.infrastructure_failure(failed_run) == "OrchestrationError: x"
 
 
 def test_goals_met():
     good = {"precopy_ratio": 1.4, "bytes_ratio": 1.0, "blackout_p50_ms": 40.0, "blackout_p99_ms": 150.0,
             "capacity_ratio": 1.1, "converged_with_throttle": True, "converged_without_throttle": False,
             "throughput_kept": 0.5}
-    assert all(bm.goals_met(good).values()) and set(bm.goals_met(good)) == set(bm.KEYS)
+    assert all(bmm.goals_met(good).values()) and set(bmm.goals_met(good)) == set(bmm.KEYS)
     bad = {**good, "precopy_ratio": 12.0, "throughput_kept": math.nan, "converged_without_throttle": True}
-    met = bm.goals_met(bad)
+    met = bmm.goals_met(bad)
     assert not met["precopy_ratio"] and not met["throughput_kept"] and not met["converged_without_throttle"]
     assert met["bytes_ratio"]
 
