@@ -593,30 +593,28 @@ class Node:
 
     def read_lbas(self, nsid: int, ranges: list[tuple[int, int]], out: memoryview) -> None:
         """Reads the (slba, nlb) ranges back to back into `out` through the PF's I/O queues."""
-        lba = self.lba_size(nsid)
-        out = memoryview(out).cast("B") if memoryview(out).format != "B" else memoryview(out)
-        total = sum(n for _, n in ranges) * lba
-        if out.nbytes != total:
-            raise ValueError(f"out holds {out.nbytes} bytes, the ranges {total}")
-        self._transfer(IoOpcode.READ, nsid, lba, self._commands(ranges, lba), out)
+        self._ranges_transfer(IoOpcode.READ, nsid, ranges, out)
 
     def write_lbas(self, nsid: int, slba: int, data: memoryview) -> None:
         """Writes `data` (whole LBAs) from `slba` on through the PF's I/O queues."""
         lba = self.lba_size(nsid)
-        data = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
-        if data.nbytes % lba:
-            raise ValueError(f"{data.nbytes} bytes is not a whole number of {lba}-byte LBAs")
-        self._transfer(IoOpcode.WRITE, nsid, lba, self._commands([(slba, data.nbytes // lba)], lba), data)
+        nbytes = memoryview(data).nbytes
+        if nbytes % lba:
+            raise ValueError(f"{nbytes} bytes is not a whole number of {lba}-byte LBAs")
+        self._ranges_transfer(IoOpcode.WRITE, nsid, [(slba, nbytes // lba)], data)
 
     def write_ranges(self, nsid: int, ranges: list[tuple[int, int]], data: memoryview) -> None:
         """Writes the (slba, nlb) ranges from `data`, where they lie back to back (read_lbas' mirror):
         scattered changes go out as one batch of commands, many in flight."""
+        self._ranges_transfer(IoOpcode.WRITE, nsid, ranges, data)
+
+    def _ranges_transfer(self, opcode: int, nsid: int, ranges: list[tuple[int, int]], buf: memoryview) -> None:
         lba = self.lba_size(nsid)
-        data = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+        buf = memoryview(buf).cast("B") if memoryview(buf).format != "B" else memoryview(buf)
         total = sum(n for _, n in ranges) * lba
-        if data.nbytes != total:
-            raise ValueError(f"data holds {data.nbytes} bytes, the ranges {total}")
-        self._transfer(IoOpcode.WRITE, nsid, lba, self._commands(ranges, lba), data)
+        if buf.nbytes != total:
+            raise ValueError(f"the buffer holds {buf.nbytes} bytes, the ranges {total}")
+        self._transfer(opcode, nsid, lba, self._commands(ranges, lba), buf)
 
     def _commands(self, ranges: list[tuple[int, int]], lba: int) -> Iterator[tuple[int, int, int]]:
         """(slba, nlb, byte offset in the buffer) of each command: at most one copy chunk each."""
