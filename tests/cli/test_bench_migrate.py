@@ -209,7 +209,10 @@ def test_the_scenarios_it_runs():
     assert len(quick.legs) == 4 and quick.capacity_bytes < GIB and quick.vm.workload.region_bytes == quick.prefill_bytes
     t = bm.throttle_scenario("auto-converge", throttle=True)
     w = t.vm.workload
-    writes_mib_s = w.rate_iops * (1 - w.rwmixread / 100) * w.block_size / MIB
+    spec = vm_spec(t)  # a reader and a writer job, each paced at rate_iops on its own queue
+    assert [spec.workload_config(i).pattern for i in range(spec.queues)] == ["randread", "randwrite"]
+    writes_mib_s = sum(w.rate_iops * (1 - spec.workload_config(i).effective_read_fraction) * w.block_size / MIB
+                       for i in range(spec.queues))
     assert t.migration.max_bandwidth_mib_s == pytest.approx(writes_mib_s / 2) == bm.throttle_link_mib_s()
     assert t.migration.policy == "auto-converge" and t.prefill_bytes == w.region_bytes
     off = bm.throttle_scenario("predictive", throttle=False, give_up_s=10.0)

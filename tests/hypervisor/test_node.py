@@ -291,3 +291,11 @@ def test_rate_limit_caps_the_vf_and_zero_lifts_it(node_a):
     node_a.set_rate_limit(slot, 0)
     unlimited = _iops(q, slot.ensid, 0.2)
     assert unlimited > 3 * limited, (limited, unlimited)
+    node_a.set_rate_limit(slot, 100, write_mib_s=2, read_mib_s=3)  # the migration's throttles on top of the QoS
+    lim = hrl.get_rate_limit(node_a.pf, slot.cntlid)
+    assert (lim.tiops, lim.wbwv, lim.tbwv) == (100, 2, 5)  # reads: the total-bandwidth bucket, reads + writes
+    node_a.set_rate_limit(slot, 100)
+    lim = hrl.get_rate_limit(node_a.pf, slot.cntlid)
+    assert (lim.tiops, lim.wbwv, lim.tbwv) == (100, 0, 0)  # released: the VM's own QoS again
+    with pytest.raises(ValueError):
+        node_a.set_rate_limit(slot, 0, read_mib_s=-1)

@@ -47,8 +47,9 @@ def test_split_ranges_respects_the_limit():
 MIB = 1 << 20
 
 
-def figures(pass_no=1, remaining=10 * MIB, copy=100 * MIB, lba=0.0, ram=0.0, elapsed=1.0, limit=None):
-    return PassFigures(pass_no, remaining, float(copy), float(lba), float(ram), elapsed, limit)
+def figures(pass_no=1, remaining=10 * MIB, copy=100 * MIB, lba=0.0, ram=0.0, elapsed=1.0, limit=None,
+            ram_rest=0, reads=None):
+    return PassFigures(pass_no, remaining, float(copy), float(lba), float(ram), elapsed, limit, ram_rest, reads)
 
 
 def test_predictive_policy_switches_when_the_rest_fits_the_target_or_the_budget_is_spent():
@@ -71,6 +72,32 @@ def test_predictive_policy_throttles_writes_just_enough_and_keeps_a_limit_that_w
     assert d.write_limit_mib_s == 40 and not d.switch  # converging under the limit: keep it
     assert ConvergencePolicy(50, 20, throttle=False).decide(
         figures(remaining=60 * MIB, lba=80 * MIB)).write_limit_mib_s is None  # throttling off
+
+
+def test_predictive_policy_limits_reads_only_when_ram_dma_is_what_is_left():
+    kib = 1 << 10
+    p = ConvergencePolicy(downtime_target_ms=50, max_passes=20)
+    # 6 MiB/s link, writes at 1 MiB/s: 96 KiB of blocks (16 ms) fit the 25 ms room; 256 KiB of read buffers (42 ms)
+    # do not
+    d = p.decide(figures(remaining=352 * kib, copy=6 * MIB, lba=1 * MIB, ram=4 * MIB, limit=1, ram_rest=256 * kib))
+    assert not d.switch and not d.give_up
+    assert d.read_limit_mib_s == 2 and "reads limited" in d.why  # half the copy rate, less the writes' 1 MiB/s
+    assert d.write_limit_mib_s == 1
+    kept = p.decide(figures(remaining=200 * kib, copy=6 * MIB, lba=1 * MIB, limit=1, ram_rest=150 * kib, reads=2))
+    assert kept.read_limit_mib_s == 2  # squeezing to the end
+    # the namespace's part does not fit yet: reads are left alone (the write limit works on that first)
+    d = ConvergencePolicy(50, 20).decide(figures(remaining=512 * kib, copy=6 * MIB, lba=1 * MIB, ram=1 * MIB,
+                                                 limit=1, ram_rest=256 * kib))
+    assert d.read_limit_mib_s is None
+    # RAM's part fits: nothing on reads
+    d = ConvergencePolicy(50, 20).decide(figures(remaining=300 * kib, copy=6 * MIB, lba=1 * MIB, limit=1,
+                                                 ram_rest=32 * kib))
+    assert d.read_limit_mib_s is None
+    # no write limit yet: one comes with the read limit (a read limit is the total-bandwidth bucket)
+    d = ConvergencePolicy(50, 20).decide(figures(remaining=300 * kib, copy=6 * MIB, lba=512 * kib, ram_rest=256 * kib))
+    assert d.read_limit_mib_s == 3 and d.write_limit_mib_s == 1
+    assert ConvergencePolicy(50, 20, throttle=False).decide(
+        figures(remaining=300 * kib, copy=6 * MIB, ram_rest=256 * kib)).read_limit_mib_s is None
 
 
 def test_predictive_policy_gives_up_when_ram_alone_outruns_the_copy_or_time_runs_out():

@@ -13,6 +13,7 @@ import pytest
 
 from nvme_lm.device.model import DeviceModel
 from nvme_lm.device.template import Template
+from nvme_lm.hypervisor.orchestrator import vm_spec
 from nvme_lm.hypervisor.scenario import (
     GIB,
     MIB,
@@ -22,6 +23,7 @@ from nvme_lm.hypervisor.scenario import (
     load_scenario,
     parse_scenario,
 )
+from nvme_lm.vm.machine import VmSpec
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 DROP = object()
@@ -323,3 +325,17 @@ def test_load_names_the_file(tmp_path):
         load_scenario(f)
     with pytest.raises(ScenarioError, match=r"missing\.toml: cannot read"):
         load_scenario(tmp_path / "missing.toml")
+
+
+def test_queue_patterns_give_each_queue_its_job():
+    s = parse_scenario(edited({"vm.queues": 2, "vm.workload.queue_patterns": "randread,randwrite"}))
+    spec = vm_spec(s)
+    assert [spec.workload_config(i).pattern for i in range(2)] == ["randread", "randwrite"]
+    assert [spec.workload_config(i).effective_read_fraction for i in range(2)] == [1.0, 0.0]
+    assert problem({"vm.queues": 3, "vm.workload.queue_patterns": "randread,randwrite"}) == (
+        "t.toml: [vm.workload] queue_patterns = 'randread,randwrite': names 2 patterns for 3 queues ([vm] queues)")
+    assert problem({"vm.workload.queue_patterns": "randread,scan"}) == (
+        "t.toml: [vm.workload] queue_patterns = 'randread,scan': must be comma-separated patterns, each one of "
+        "randread, randwrite, randrw, write, trim")
+    with pytest.raises(ValueError, match="queue_patterns"):  # a peer's VM spec is checked the same way
+        VmSpec(queues=2, queue_patterns="randread", capacity_bytes=1 << 20)

@@ -105,9 +105,10 @@ class BenchConfig:
         return cls(True, 0.25, 0.0625, 1024.0, 0.0625, 1, 4, 0.125, 0.03125, 32, (), 40.0, 8.0, 1.0)
 
 
-# The throttling case: 16 KiB randrw 50/50 at QD16 paced at THROTTLE_IOPS, so the guest writes
-# THROTTLE_IOPS / 2 x 16 KiB = 12.5 MiB/s; the link (the engine's stream cap) is half of that. The I/O
-# goes to a hot 16 MiB region, all of it allocated at boot: each pass finds most of it rewritten.
+# The throttling case: a reader job and a writer job (two vCPUs, one I/O queue each, like two fio jobs),
+# 16 KiB at QD16 each, paced at THROTTLE_IOPS / 2 each, so the guest writes THROTTLE_IOPS / 2 x 16 KiB =
+# 12.5 MiB/s; the link (the engine's stream cap) is half of that. The I/O goes to a hot 16 MiB region
+# (8 MiB per job), all of it allocated at boot: each pass finds most of the writer's half rewritten.
 THROTTLE_IOPS = 1600
 THROTTLE_BLOCK = 16 << 10
 THROTTLE_MIX = 50
@@ -163,13 +164,14 @@ def throttle_link_mib_s() -> float:
 
 def throttle_scenario(policy: str = "predictive", throttle: bool = True, give_up_s: float = 0.0,
                       timeout_s: float = 60.0) -> Any:
-    """A guest writing 2x the link: 16 KiB randrw 50/50 paced at THROTTLE_IOPS over a hot 16 MiB region
-    (prefilled) of a 256 MiB namespace, 16 MiB RAM; the engine's stream capped at half the guest's write rate."""
+    """A guest writing 2x the link: a 16 KiB random reader and a 16 KiB random writer paced at THROTTLE_IOPS / 2
+    each over a hot 16 MiB region (prefilled) of a 256 MiB namespace, 16 MiB RAM; the engine's stream capped
+    at half the guest's write rate."""
     name = f"throttle-{policy}" + ("" if throttle else "-no-throttle")
     return _scenario(name, ns={"capacity_gib": 0.25, "prefill_gib": THROTTLE_REGION_GIB},
-                     wl={"pattern": "randrw", "rwmixread": THROTTLE_MIX, "block_size": THROTTLE_BLOCK,
-                         "rate_iops": THROTTLE_IOPS, "run_after_s": 0.5, "region_gib": THROTTLE_REGION_GIB},
-                     vm={"memory_mib": 16},
+                     wl={"pattern": "randrw", "queue_patterns": "randread,randwrite", "block_size": THROTTLE_BLOCK,
+                         "rate_iops": THROTTLE_IOPS // 2, "run_after_s": 0.5, "region_gib": THROTTLE_REGION_GIB},
+                     vm={"memory_mib": 16, "queues": 2},
                      mig={"start_after_s": 2.0, "policy": policy, "throttle": throttle, "give_up_s": give_up_s,
                           "max_passes": THROTTLE_PASSES, "max_bandwidth_mib_s": throttle_link_mib_s(),
                           "timeout_s": timeout_s})
@@ -451,8 +453,8 @@ def run_migrate_bench(cfg: BenchConfig, *, workdir: Path | None = None, progress
             rows.append({"policy": policy, "throttle": throttle, "give_up_s": give_up, **row})
         details["throttle"] = {"target_ms": sc.migration.downtime_target_ms, "link_mib_s": link,
                                "guest_planned_write_mib_s": 2 * link, "max_passes": THROTTLE_PASSES,
-                               "guest": f"{THROTTLE_BLOCK >> 10} KiB randrw {THROTTLE_MIX}/{100 - THROTTLE_MIX} "
-                                        f"QD16 paced at {THROTTLE_IOPS} IOPS"}
+                               "guest": f"a {THROTTLE_BLOCK >> 10} KiB randread job and a randwrite job, QD16 "
+                                        f"each, on their own queues, paced at {THROTTLE_IOPS // 2} IOPS each"}
         details["policies"] = rows
 
         if not skip_hol:

@@ -196,22 +196,29 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
             await hooks.at("source", "precopy")
             pass_no = 1
             limit = 0.0  # MiB/s of guest writes the throttle allows (0: unthrottled)
+            read_limit = 0.0  # the same for guest reads
             while True:
                 d = max(rec.duration_s, 1e-6)
                 decision = policy.decide(PassFigures(
                     pass_no=rec.pass_no, remaining_bytes=rec.remaining_bytes, copy_rate=rec.copy_rate_mib_s * MIB,
                     lba_dirty_rate=rec.remaining_lba_bytes / d,
                     ram_dirty_rate=(rec.remaining_bytes - rec.remaining_lba_bytes) / d,
-                    elapsed_s=(time.monotonic_ns() - t_start) / 1e9, write_limit_mib_s=limit or None))
+                    elapsed_s=(time.monotonic_ns() - t_start) / 1e9, write_limit_mib_s=limit or None,
+                    remaining_ram_bytes=rec.remaining_bytes - rec.remaining_lba_bytes,
+                    read_limit_mib_s=read_limit or None))
                 rec.decision = decision.why
                 if decision.give_up:
                     raise MigrationFailed(f"gave up: {decision.why}")
-                if decision.write_limit_mib_s is not None and decision.write_limit_mib_s != limit:
-                    limit = decision.write_limit_mib_s
+                new_w = limit if decision.write_limit_mib_s is None else decision.write_limit_mib_s
+                new_r = read_limit if decision.read_limit_mib_s is None else decision.read_limit_mib_s
+                if (new_w, new_r) != (limit, read_limit):
+                    limit, read_limit = new_w, new_r
                     rb.throttled = True
-                    await asyncio.to_thread(node.set_rate_limit, slot, hosted.device_rate_iops, write_mib_s=limit)
+                    await asyncio.to_thread(node.set_rate_limit, slot, hosted.device_rate_iops, write_mib_s=limit,
+                                            read_mib_s=read_limit)
                     progress.write_limit_mib_s = limit
-                rec = PassRecord(pass_no, "delta", time.monotonic_ns(), write_limit_mib_s=limit)
+                rec = PassRecord(pass_no, "delta", time.monotonic_ns(), write_limit_mib_s=limit,
+                                 read_limit_mib_s=read_limit)
                 ranges, pages = await one_pass(rec, ranges, pages)
                 pass_no += 1
                 if decision.switch:
@@ -345,6 +352,7 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
         await asyncio.to_thread(hm.suspend_controller, node.pf, slot.cntlid)
         if rate:
             await asyncio.to_thread(node.set_rate_limit, slot, rate)
+        await asyncio.to_thread(Vm.prepare_for, spec)  # out of the blackout: what restore would make there
         await hooks.at("destination", "setup")
         await ch.send(control(MsgType.ACCEPT))
         progress.phase = "receiving"

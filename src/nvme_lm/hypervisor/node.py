@@ -544,13 +544,15 @@ class Node:
         for v in range(slot.fn.msix.nvectors):
             slot.fn.msix.mask(v, False)
 
-    def set_rate_limit(self, slot: VfSlot, iops: int, *, write_mib_s: float = 0) -> None:
-        """TP4176 hard limits on the VF's controller, set through the PF: total IOPS (the VM's QoS) and
-        write bandwidth (the migration's throttle); 0 is no limit of that kind, both 0 removes it."""
-        if iops < 0 or write_mib_s < 0:
+    def set_rate_limit(self, slot: VfSlot, iops: int, *, write_mib_s: float = 0, read_mib_s: float = 0) -> None:
+        """TP4176 hard limits on the VF's controller, set through the PF: total IOPS (the VM's QoS), write
+        bandwidth and read bandwidth (the migration's throttles); 0 is no limit of that kind, all 0 removes it.
+        TP4176 has no read-only bucket: a read limit is the total bandwidth bucket set to reads + writes."""
+        if iops < 0 or write_mib_s < 0 or read_mib_s < 0:
             raise ValueError("limits must be >= 0")
-        if iops or write_mib_s:
-            hrl.set_rate_limit(self.pf, slot.cntlid, iops=iops or None, write_mib_s=write_mib_s or None)
+        if iops or write_mib_s or read_mib_s:
+            hrl.set_rate_limit(self.pf, slot.cntlid, iops=iops or None, write_mib_s=write_mib_s or None,
+                               mib_s=(read_mib_s + write_mib_s) if read_mib_s else None)
         else:
             hrl.clear_rate_limit(self.pf, slot.cntlid)
 

@@ -153,8 +153,8 @@ def vm_spec(sc: Scenario) -> VmSpec:
                   capacity_bytes=ns.capacity_bytes, prefill_bytes=ns.prefill_bytes, pattern=w.pattern,
                   block_size=w.block_size, iodepth=w.iodepth, rwmixread=w.rwmixread, rate_iops=w.rate_iops,
                   hot_set=w.hot_set, hot_share=w.hot_share,
-                  trim_percent=w.trim_percent if w.pattern == "trim" else 0, identity_check_s=w.identity_check_s,
-                  region_bytes=w.region_bytes)
+                  trim_percent=w.trim_percent if "trim" in (w.pattern, *w.queue_patterns.split(",")) else 0,
+                  identity_check_s=w.identity_check_s, region_bytes=w.region_bytes, queue_patterns=w.queue_patterns)
 
 
 def migration_options(sc: Scenario) -> dict[str, Any]:

@@ -5,8 +5,13 @@ After every pass the engine hands the policy what it measured (`PassFigures`) an
 `predictive` (the default, ours): switch when what is left would move within the downtime target at
 the measured copy rate. Otherwise, if the guest dirties faster than a pass can shrink the rest (the
 dirty rate is more than half the copy rate), throttle the guest's *writes* through the device's own
-rate limit (TP4176 write bandwidth on the source VF) to just what lets each pass halve the rest;
-reads are never limited, so the guest keeps most of its throughput. If the rest stops shrinking for
+rate limit (TP4176 write bandwidth on the source VF) to just what lets each pass halve the rest.
+Reads are left alone while the namespace is what is left to move, so the guest keeps most of its
+throughput. They dirty guest RAM, though: the device DMAs every read into the guest's buffers, so a
+guest with 16 reads of 16 KiB in flight rewrites 256 KiB of RAM in any pass, however short, and at a
+slow link that alone is more than the target. When the namespace's part of the rest fits and RAM's
+does not, the read side is limited too (the total-bandwidth bucket, reads + writes) for the few last
+passes, to what lets each pass halve RAM's part. If the rest stops shrinking for
 `stall_passes` passes while throttled as hard as allowed, or `give_up_s` passes, give up cleanly (the
 VM keeps running at the source, the limit is released).
 
@@ -44,12 +49,15 @@ class PassFigures:
     ram_dirty_rate: float  # bytes/s of guest pages changed during the pass
     elapsed_s: float  # since the migration started
     write_limit_mib_s: float | None = None  # the throttle in force during the pass (None: none)
+    remaining_ram_bytes: int = 0  # the guest-RAM part of remaining_bytes
+    read_limit_mib_s: float | None = None  # the read throttle in force during the pass (None: none)
 
 
 @dataclass(frozen=True)
 class Decision:
     switch: bool = False
     write_limit_mib_s: float | None = None  # None: leave the throttle as it is; 0: remove it
+    read_limit_mib_s: float | None = None  # the same for reads (set only together with a write limit)
     give_up: bool = False
     why: str = ""
 
@@ -97,13 +105,35 @@ class ConvergencePolicy:
                 limit = max(MIN_WRITE_MIB_S, math.floor(budget / MIB))
             elif f.write_limit_mib_s:
                 limit = f.write_limit_mib_s  # it works: keep it
-        if self._stalled(f) and (limit == MIN_WRITE_MIB_S or not self.throttle):
+        reads = self._read_limit(f, limit) if self.throttle else None
+        if reads is not None and limit is None:
+            limit = f.write_limit_mib_s or max(MIN_WRITE_MIB_S, math.ceil(f.lba_dirty_rate / MIB))
+        if self._stalled(f) and (limit == MIN_WRITE_MIB_S or not self.throttle) and (
+                reads is None or reads == f.read_limit_mib_s):
             return Decision(give_up=True, why=f"stalled: {f.remaining_bytes} bytes left after "
                                               f"{self.stall_passes} passes without progress")
         why = f"{f.remaining_bytes} bytes left ~ {expect:.0f} ms > {self.downtime_target_ms:g} ms"
         if limit is not None and limit != f.write_limit_mib_s:
             why += f"; guest writes limited to {limit:g} MiB/s"
-        return Decision(write_limit_mib_s=limit, why=why)
+        if reads is not None and reads != f.read_limit_mib_s:
+            why += f"; guest reads limited to {reads:g} MiB/s (RAM is what is left)"
+        return Decision(write_limit_mib_s=limit, read_limit_mib_s=reads, why=why)
+
+    def _read_limit(self, f: PassFigures, write_limit: float | None) -> float | None:
+        """A limit on reads when guest RAM's part of the rest takes more than half the room the target leaves
+        and the namespace's part alone would fit: reads DMA into RAM; a pass may dirty through them at most
+        what halves RAM's part."""
+        if f.read_limit_mib_s:
+            return f.read_limit_mib_s  # once squeezing, keep it to the end
+        if f.copy_rate <= 0 or f.pass_no == 0:
+            return None
+        room_ms = self.downtime_target_ms - self.switchover_cost_ms
+        ram_ms = f.remaining_ram_bytes / f.copy_rate * 1000.0
+        lba_ms = (f.remaining_bytes - f.remaining_ram_bytes) / f.copy_rate * 1000.0
+        if ram_ms <= room_ms / 2 or lba_ms > room_ms:  # RAM's part is not the problem, or blocks still are
+            return None
+        writes = write_limit or f.write_limit_mib_s or 0.0
+        return float(max(MIN_WRITE_MIB_S, math.floor(CONVERGE * f.copy_rate / MIB - writes)))
 
     def _stalled(self, f: PassFigures) -> bool:
         h = self._history

@@ -48,6 +48,7 @@ class PassRecord:
     copy_rate_mib_s: float = 0.0
     remaining_lba_bytes: int = 0  # the namespace's part of remaining_bytes (the rest is RAM)
     write_limit_mib_s: float = 0.0  # the throttle on guest writes during this pass (0: none)
+    read_limit_mib_s: float = 0.0  # the throttle on guest reads (DMA into RAM) during this pass (0: none)
     decision: str = ""  # what the policy concluded after it
 
     def finish(self, remaining: int, remaining_lba: int = 0) -> None:

@@ -100,6 +100,12 @@ def _title(v: str) -> str | None:
     return None if v and len(v) <= 64 and v.isprintable() else "must be 1..64 printable characters"
 
 
+def _patterns(v: str) -> str | None:
+    if not v or all(p in PATTERNS for p in v.split(",")):
+        return None
+    return f"must be comma-separated patterns, each one of {', '.join(PATTERNS)}"
+
+
 def _listen(v: str) -> str | None:
     """IP:PORT on loopback or a private network: agents never listen on a public or wildcard address."""
     allowed = "must be IP:PORT with a loopback or private IP address (e.g. 127.0.0.1:0; port 0 = any free port)"
@@ -191,6 +197,8 @@ class WorkloadSpec:
     identity_check_s: float = _key(_num(0.0, above=True), 1.0)
     run_after_s: float = _key(_num(0.0), 1.0)
     region_gib: float = _key(_num(0.0), 0.0)  # the workload's part of the namespace, from LBA 0; 0: all of it
+    # one pattern per queue, comma-separated (a reader and a writer job: "randread,randwrite"); "" = `pattern`
+    queue_patterns: str = _key(_Rule(str, _patterns), "")
 
     @property
     def region_bytes(self) -> int:
@@ -543,6 +551,11 @@ def _cross_checks(ctx: _Ctx, s: Scenario, check_hosts: bool) -> None:
         if buffers > vm.memory_bytes // 2:
             ctx.problem(VM, "memory_mib", f"too small: the I/O buffers in flight (queues x iodepth x block_size = "
                         f"{buffers / MIB:g} MiB) may use at most half of guest RAM", vm.memory_mib)
+    if ctx.ok((WL, "queue_patterns"), (VM, "queues")) and wl.queue_patterns:
+        n = len(wl.queue_patterns.split(","))
+        if n != vm.queues:
+            ctx.problem(WL, "queue_patterns", f"names {n} patterns for {vm.queues} queues ([vm] queues)",
+                        wl.queue_patterns)
     if ctx.ok((WL, "pattern"), (WL, "trim_percent")) and wl.pattern == "trim" and wl.trim_percent == 0:
         ctx.problem(WL, "trim_percent", "pattern 'trim' needs trim_percent > 0", wl.trim_percent)
 

@@ -28,7 +28,7 @@ from nvme_lm.pcie.function import PcieFunction
 from nvme_lm.vm.memory import GuestMemory
 from nvme_lm.vm.timeline import Timeline
 from nvme_lm.vm.verifier import IdentityVerifier
-from nvme_lm.vm.workload import VcpuStopped, Workload, WorkloadConfig
+from nvme_lm.vm.workload import VcpuStopped, Workload, WorkloadConfig, payload_pool
 
 GUEST_BASE = 0x1000_0000  # guest-physical address of the first byte of RAM
 VM_STATE_VERSION = 1
@@ -61,6 +61,9 @@ class VmSpec:
     ram_dirty_mib_s: float = 0.0  # rate at which a guest thread rewrites RAM pages while running
     seed: int = 1
     region_bytes: int = 0  # the part of the namespace the workload uses, from LBA 0; 0: all of it
+    # one pattern per queue, comma-separated ("randread,randwrite": a reader job and a writer job, as two fio
+    # jobs would be); "" = every queue runs `pattern`
+    queue_patterns: str = ""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -104,6 +107,10 @@ class VmSpec:
              "ram_fill in [0, 1), ram_dirty_mib_s >= 0")
         rule(0 <= self.region_bytes <= self.capacity_bytes and self.region_bytes % max(self.block_size, 1) == 0,
              f"region_bytes = {self.region_bytes}: whole blocks, up to the capacity")
+        if self.queue_patterns:
+            per = self.queue_patterns.split(",")
+            rule(len(per) == self.queues and all(p in PATTERNS for p in per),
+                 f"queue_patterns = {self.queue_patterns!r}: {self.queues} of {', '.join(PATTERNS)}, comma-separated")
         if not out:
             blocks = self.workload_bytes // self.block_size // self.queues
             rule(blocks >= 2 * self.iodepth, f"each of the {self.queues} queues needs at least 2 x iodepth blocks")
@@ -134,7 +141,7 @@ class VmSpec:
         """Queue i drives its own slice of the namespace, so every block has exactly one writer."""
         blocks = self.workload_bytes // self.block_size
         per = blocks // self.queues
-        pattern = self.pattern
+        pattern = self.queue_patterns.split(",")[queue_index] if self.queue_patterns else self.pattern
         reads = {"randread": 1.0, "randwrite": 0.0, "write": 0.0}.get(pattern, self.rwmixread / 100)
         return WorkloadConfig(nsid=self.nsid, lba_size=self.lba_size, block_size=self.block_size,
                               first_lba=queue_index * per * (self.block_size // self.lba_size), nblocks=per,
@@ -466,6 +473,13 @@ class Vm:
             "ram_gen": self._ram_gen.tobytes(),
             "ram_rng": json.dumps(self._ram_rng.bit_generator.state),  # 128-bit integers: too big for msgpack
         }, use_bin_type=True)
+
+    @staticmethod
+    def prepare_for(spec: VmSpec) -> None:
+        """What a destination can make before the VM's state arrives, so `restore` in the blackout does not:
+        the workloads' payload pools (a function of their seeds)."""
+        for i in range(spec.queues):
+            payload_pool(spec.workload_config(i).seed)
 
     @classmethod
     def restore(cls, blob: bytes, mem: GuestMemory, fn: PcieFunction) -> Vm:

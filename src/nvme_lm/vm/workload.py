@@ -31,6 +31,7 @@ commands completing at the destination through `callback_for(tag)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import secrets
 import struct
@@ -83,6 +84,14 @@ class VcpuStopped(BaseException):
 
 def _payload_offset(lba: int, generation: int, span: int) -> int:
     return ((lba * 0x9E3779B1) ^ (generation * 0x85EBCA77)) % span
+
+
+@functools.lru_cache(maxsize=16)
+def payload_pool(seed: int) -> memoryview:
+    """The random bytes writes take their payload from: a pure function of the seed, shared read-only by the
+    workloads of a process. Making it costs a few ms (more on first use of numpy's generator), so the
+    destination of a migration makes it while pre-copy runs, not in the blackout (`Vm.prepare_for`)."""
+    return memoryview(np.random.default_rng([seed, 1]).bytes(_POOL_SIZE)).toreadonly()
 
 
 def fill_block(view: memoryview, lba: int, generation: int, pool: bytes | memoryview) -> None:
@@ -317,7 +326,7 @@ class Workload:
         self._zero_np = np.frombuffer(self.zeroed, dtype=np.uint8)
         self.pool_seed = pool_seed if pool_seed is not None else (
             cfg.seed if cfg.seed is not None else secrets.randbits(63))
-        self._pool = memoryview(np.random.default_rng([self.pool_seed, 1]).bytes(_POOL_SIZE))
+        self._pool = payload_pool(self.pool_seed)
         self._rng = np.random.default_rng(cfg.seed)
         self._mark_dirty = getattr(mem, "mark_dirty", None)  # CPU writes feed the guest's dirty log
         self._bufs = bufs if bufs is not None else [mem.alloc(bs) for _ in range(qd)]
@@ -806,5 +815,6 @@ __all__ = [
     "check_block",
     "check_trimmed",
     "fill_block",
+    "payload_pool",
     "trim_op_for",
 ]
