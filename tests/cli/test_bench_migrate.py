@@ -152,6 +152,11 @@ def test_throttle_figures_converged_means_ok_and_blackout_within_target():
     assert t["throughput_kept_throttled"] == pytest.approx((0.4 * 800 + 1 * 400) / 1.4 / 1600)
     assert t["guest_write_mib_s"] == pytest.approx(1600 * 0.5 * 16384 / MIB) and t["write_to_link"] == pytest.approx(2)
     assert t["max_write_limit_mib_s"] == 2.0 and t["last_decision"].startswith("converged")
+    # the guest's mix before the migration, when the leg says it: a throttled writer job shrinks the whole run's
+    r2 = _report([dict(leg, guest_at_start={"ios": 800, "reads": 400, "writes": 400})], [1600] * 6, ios=1000,
+                 writes=300)
+    assert bmm.throttle_metrics(r2, target_ms=50.0, block_size=16384, link_mib_s=6.25)["write_to_link"] == (
+        pytest.approx(2))
     slow = bmm.throttle_metrics(_report([dict(leg, blackout_ms=80.0)], [1600] * 6), target_ms=50.0,
                                block_size=16384, link_mib_s=6.25)
     assert not slow["converged"] and slow["precopy_converged"]  # pre-copy converged, the blackout did not fit

@@ -186,7 +186,9 @@ def throttle_metrics(report: dict[str, Any], *, target_ms: float, block_size: in
     during = window_iops(tl, leg["t_start"], _leg_end(leg))
     limited = [p["t_start"] for p in leg["pass_table"] if p.get("write_limit_mib_s") and p["kind"] != "final"]
     throttled = window_iops(tl, limited[0], _leg_end(leg)) if limited else math.nan
-    writes_mib_s = before * write_share(report) * block_size / MIB
+    start = leg.get("guest_at_start") or {}
+    share = start["writes"] / start["ios"] if start.get("ios") else write_share(report)  # the mix before any throttle
+    writes_mib_s = before * share * block_size / MIB
     blackout = leg["blackout_ms"]
     within = leg["ok"] and _finite(blackout) and blackout <= target_ms
     return {

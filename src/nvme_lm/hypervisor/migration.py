@@ -142,6 +142,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
     the task before the commit is a failure like any other: rolled back, reported."""
     vm, slot = hosted.vm, hosted.slot
     t_start = time.monotonic_ns()
+    at_start = vm.io_counts()  # the guest's own counts, for reports: its mix before the engine throttled it
     rb = SourceRollback(node, slot, vm, qos_iops=hosted.device_rate_iops)
     policy = make_policy(opts.policy, downtime_target_ms=opts.downtime_target_ms, max_passes=opts.max_passes,
                          throttle=opts.throttle, give_up_s=opts.give_up_s)
@@ -295,7 +296,7 @@ async def send_vm(hosted: HostedVm, node: Node, connect: Callable[[], Awaitable[
         "t_resume": (t_resume - t0) / 1e9 if t_resume else float("nan"),
         "t_pause_ns": cap.t_pause_ns if cap is not None else 0, "t_resume_ns": t_resume,
         "pass_table": [p.to_report(t0) for p in progress.passes], "teardown_problem": teardown_problem,
-        "blackout_steps_ms": steps,
+        "blackout_steps_ms": steps, "guest_at_start": at_start,
     }
     progress.result = leg
     return leg

@@ -523,6 +523,12 @@ class Vm:
         return vm
 
     # ------------------------------------------------------------------ reporting
+    def io_counts(self) -> dict[str, int]:
+        """Completed guest I/Os so far, all and by kind (a snapshot; the vCPUs keep counting)."""
+        stats = [w.stats for w in self.workloads]
+        return {"ios": sum(s.ios for s in stats), "reads": sum(s.reads for s in stats),
+                "writes": sum(s.writes for s in stats)}
+
     def report(self) -> dict[str, Any]:
         """The guest part of a migration report (see docs/scenarios.md and the report schema)."""
         stats = [w.stats for w in self.workloads]
