@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import struct
 
 import crc32c
@@ -17,10 +19,12 @@ from nvme_lm.hypervisor.stream import (
     MAGIC,
     MAX_PAYLOAD,
     STREAM_VERSION,
+    SUPPORTED_VERSIONS,
     TRANSITIONS,
     DestinationSession,
     LbaData,
     LbaDeallocate,
+    LbaRanges,
     Message,
     MsgType,
     ProtocolError,
@@ -90,6 +94,7 @@ VALID_BODIES: dict[MsgType, object] = {
     MsgType.LBA_DATA: LbaData(1, 0, 1, bytes(512)),
     MsgType.LBA_DEALLOCATE: LbaDeallocate(1, [(0, 8)]),
     MsgType.RAM_DATA: RamData.from_pages([(GUEST_BASE, bytes(4096))]),
+    MsgType.LBA_RANGES: LbaRanges(1, [(0, 1), (8, 2)], parts=[bytes(1536)]),
 }
 
 
@@ -226,8 +231,155 @@ def test_regroup_slices_big_buffers_without_copying():
 def test_hello_gets_stream_version_and_wire_layout_is_as_documented():
     src = SourceSession()
     data = wire(src.send(control(MsgType.HELLO, vm={"a": 1})))
-    assert data == raw_frame(MsgType.HELLO, pk({"stream_version": 1, "vm": {"a": 1}}), seq=0)
-    assert data[:4] == b"NVLM" and len(data) == HEADER_SIZE + len(pk({"stream_version": 1, "vm": {"a": 1}}))
+    assert STREAM_VERSION == 2 and SUPPORTED_VERSIONS == (1, 2)
+    assert data == raw_frame(MsgType.HELLO, pk({"stream_version": 2, "vm": {"a": 1}}), seq=0, version=2)
+    assert data[:4] == b"NVLM" and len(data) == HEADER_SIZE + len(pk({"stream_version": 2, "vm": {"a": 1}}))
+    v1 = wire(SourceSession(version=1).send(control(MsgType.HELLO, vm={"a": 1})))
+    assert v1 == raw_frame(MsgType.HELLO, pk({"stream_version": 1, "vm": {"a": 1}}), seq=0, version=1)
+
+
+# --- stream version 2: LBA_RANGES, version negotiation, buffer-driven receive ------------------------
+
+
+def ranges_frame(nsid: int, ranges: list[tuple[int, int]], data: bytes, seq: int = 1,
+                 count: int | None = None) -> bytes:
+    """An LBA_RANGES frame by the documented layout (independent of LbaRanges.encode)."""
+    body = struct.pack("<II", nsid, len(ranges) if count is None else count)
+    body += b"".join(struct.pack("<QI", slba, nlb) for slba, nlb in ranges)
+    return raw_frame(MsgType.LBA_RANGES, body + data, seq)
+
+
+def test_lba_ranges_round_trip_and_wire_layout():
+    src, dst = handshake()
+    ranges = [(7, 1), (9, 3), (1 << 40, 2)]
+    blocks = os.urandom(6 * 4096)
+    parts = [memoryview(blocks)[:4096], memoryview(blocks)[4096:10000], memoryview(blocks)[10000:]]  # any split
+    frames = src.send(LbaRanges(3, ranges, parts=parts))
+    assert wire(frames) == ranges_frame(3, ranges, blocks, seq=1)
+    assert frames[-1] is parts[-1]  # the caller's buffers go to the writer, not copies
+    [got] = dst.receive_data(wire(frames))
+    body = got.body
+    assert got.type is MsgType.LBA_RANGES and isinstance(body, LbaRanges)
+    assert (body.nsid, list(body.ranges), body.lba_size, body.nlb, body.nbytes) == (3, ranges, 4096, 6, len(blocks))
+    assert bytes(body.data) == blocks
+    assert [(s, n, bytes(v)) for s, n, v in body.chunks()] == [
+        (7, 1, blocks[:4096]), (9, 3, blocks[4096:16384]), (1 << 40, 2, blocks[16384:])]
+
+
+RANGES_BAD = {
+    "truncated": (raw_frame(MsgType.LBA_RANGES, b"\x01\x00\x00", 1), "LBA_RANGES: truncated body"),
+    "no ranges": (ranges_frame(1, [], b""), "LBA_RANGES: no ranges"),
+    "count too big": (ranges_frame(1, [(0, 1)], bytes(512), count=100),
+                      "100 ranges need 1208 body bytes, the body has 532"),
+    "nlb 0": (ranges_frame(1, [(0, 1), (5, 0)], bytes(512)), "range #1 has nlb 0"),
+    "overlap": (ranges_frame(1, [(0, 4), (3, 1)], bytes(2560)), "range #1 (slba 3) overlaps or precedes range #0"),
+    "descending": (ranges_frame(1, [(10, 1), (2, 1)], bytes(1024)), "must be strictly ascending"),
+    "repeated": (ranges_frame(1, [(10, 1), (10, 1)], bytes(1024)), "overlaps or precedes"),
+    "beyond 2^64": (ranges_frame(1, [((1 << 64) - 2, 3)], bytes(1536)), "ends beyond 2^64"),
+    "data short": (ranges_frame(1, [(0, 2), (4, 1)], bytes(1000)), "1000 data bytes for 3 blocks"),
+    "data not pow2": (ranges_frame(1, [(0, 1), (4, 2)], bytes(3 * 768)), "power-of-two LBA size"),
+    "no data": (ranges_frame(1, [(0, 1)], b""), "0 data bytes for 1 blocks"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RANGES_BAD))
+def test_malformed_lba_ranges_are_refused_precisely(case):
+    frame, message = RANGES_BAD[case]
+    dst = dst_after_hello()
+    with pytest.raises(ProtocolError, match=re.escape(message)):
+        dst.receive_data(frame)
+    assert dst.state is State.ERROR
+
+
+def test_lba_ranges_send_refusals_change_nothing():
+    src, _ = handshake()
+    seq = src._send_seq
+    for ranges, data, text in [
+        ([], b"", "no ranges"),
+        ([(0, 1), (0, 1)], bytes(1024), "overlaps or precedes"),
+        ([(-1, 1)], bytes(512), "unsigned 64-bit"),
+        ([(0, 1 << 32)], bytes(512), "has nlb 4294967296"),
+        ([(0, 1, 2)], bytes(512), "(slba, nlb) pairs"),
+        ([(0, 3)], bytes(1000), "1000 data bytes for 3 blocks"),
+    ]:
+        with pytest.raises(ProtocolError, match=re.escape(text)):
+            src.send(LbaRanges(1, ranges, parts=[data]))
+        assert (src.state, src._send_seq) == (State.COPYING, seq)
+
+
+def test_a_version_1_source_is_served_in_version_1_and_lba_ranges_need_version_2():
+    src, dst = SourceSession(version=1), DestinationSession()
+    xfer(src, dst, control(MsgType.HELLO, vm={}))
+    assert (src.version, dst.version) == (1, 1)
+    accept = wire(dst.send(control(MsgType.ACCEPT)))
+    assert struct.unpack_from("<H", accept, 4)[0] == 1  # the destination answers in the source's version
+    src.receive_data(accept)
+    assert xfer(src, dst, LbaData(1, 0, 1, bytes(512))).type is MsgType.LBA_DATA
+    with pytest.raises(ProtocolError, match="LBA_RANGES needs stream version 2: cannot send it on a version 1"):
+        src.send(LbaRanges(1, [(0, 1)], parts=[bytes(512)]))
+    assert src.state is State.COPYING
+    v1 = struct.pack("<4sHHIQ", MAGIC, 1, MsgType.LBA_RANGES, 0, 2)
+    with pytest.raises(ProtocolError, match="LBA_RANGES needs stream version 2: cannot receive it on a version 1"):
+        dst.receive_data(v1 + struct.pack("<I", crc32c.crc32c(v1)))
+    with pytest.raises(ValueError, match="stream version 3 is not one this end speaks"):
+        SourceSession(version=3)
+    hello = raw_frame(MsgType.HELLO, pk({"stream_version": 1, "vm": {}}), version=2)
+    with pytest.raises(ProtocolError, match=re.escape("HELLO: stream_version 1 != 2 (the version of its frame)")):
+        DestinationSession().receive_data(hello)
+    dst = DestinationSession()
+    with pytest.raises(ProtocolError, match=re.escape("unknown stream version 7 (this end speaks 1, 2)")):
+        dst.receive_data(raw_frame(MsgType.HELLO, pk({"stream_version": 7, "vm": {}}), version=7))
+
+
+def feed_buffered(sess, data: bytes, sizes) -> list[Message]:
+    """Deliver `data` as asyncio's BufferedProtocol would: into get_buffer(), at most `next(sizes)` at a time."""
+    out: list[Message] = []
+    pos = 0
+    while pos < len(data):
+        buf = sess.get_buffer()
+        n = min(len(buf), next(sizes), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        out += sess.buffer_updated(n)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300_000), min_size=1, max_size=20))
+def test_buffer_driven_receive_matches_receive_data(sizes):
+    sizes = [max(n, 100) for n in sizes]  # smaller ones are what receive_data's own tests cover
+    src, dst = handshake()
+    before = dst.bytes_received
+    lba = os.urandom(1 << 18)
+    frames = [src.send(LbaData(1, 0, 64, lba)), src.send(control(MsgType.PASS_END, **{"pass": 0, "kind": "full"})),
+              src.send(LbaRanges(1, [(1, 1), (3, 2)], parts=[lba[:3 * 4096]])),
+              src.send(RamData.from_pages([(GUEST_BASE, lba[:8192])]))]
+    data = b"".join(wire(f) for f in frames)
+    got = feed_buffered(dst, data, itertools.cycle(sizes))
+    assert [m.type for m in got] == [MsgType.LBA_DATA, MsgType.PASS_END, MsgType.LBA_RANGES, MsgType.RAM_DATA]
+    assert bytes(got[0].body.data) == lba and bytes(got[2].body.data) == lba[: 3 * 4096]
+    assert bytes(got[3].body.data) == lba[:8192] and dst.pending == 0 and dst.bytes_received - before == len(data)
+
+
+def test_buffer_driven_receive_puts_bulk_data_straight_into_its_frame():
+    src, dst = handshake()
+    frame = wire(src.send(LbaData(1, 0, 2048, os.urandom(1 << 20))))
+    first = dst.get_buffer()
+    first[:100] = frame[:100]  # the header and a little of the payload: parsed from the scratch buffer
+    assert dst.buffer_updated(100) == []
+    rest = dst.get_buffer()
+    assert len(rest) == len(frame) - 100  # the rest of the payload's own buffer
+    rest[:] = frame[100:]
+    [msg] = dst.buffer_updated(len(rest))
+    assert msg.body.data.obj is rest.obj  # the message is a view of the buffer the bytes were put in
+    bad = bytearray(wire(src.send(LbaData(1, 0, 2048, bytes(1 << 20)))))
+    bad[-1] ^= 1
+    assert feed_buffered(dst, bytes(bad[:-1]), iter([1 << 30] * 4)) == []
+    buf = dst.get_buffer()
+    buf[0] = bad[-1]
+    with pytest.raises(ProtocolError, match="CRC32C mismatch"):
+        dst.buffer_updated(1)
+    assert dst.state is State.ERROR
 
 
 # --- protocol errors -------------------------------------------------------------------------------
@@ -242,11 +394,14 @@ def dst_after_hello() -> DestinationSession:
 
 BAD_FRAMES = {
     "bad magic": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END), 1, magic=b"NVLX"), "bad magic"),
-    "version": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END), 1, version=2), "unknown stream version 2"),
+    "version": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END), 1, version=3),
+                "unknown stream version 3 (this end speaks 1, 2)"),
+    "other version": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END), 1, version=1),
+                      "frame #1 has stream version 1, this stream is version 2"),
     "type": (raw_frame(99, b"", 1), "unknown message type 99"),
     "gap": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END), 2), "sequence gap: expected frame #1, got #2"),
     "repeat": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END), 0), "sequence repeat"),
-    "oversize": (struct.pack("<4sHHIQI", MAGIC, 1, MsgType.RAM_DATA, MAX_PAYLOAD + 1, 1, 0), "exceeds"),
+    "oversize": (struct.pack("<4sHHIQI", MAGIC, STREAM_VERSION, MsgType.RAM_DATA, MAX_PAYLOAD + 1, 1, 0), "exceeds"),
     "bad msgpack": (raw_frame(MsgType.PASS_END, b"\xc1", 1), "bad msgpack"),
     "msgpack trailing": (raw_frame(MsgType.PASS_END, valid_payload(MsgType.PASS_END) + b"\x00", 1), "bad msgpack"),
     "not a map": (raw_frame(MsgType.PASS_END, pk([1, 2]), 1), "must be a map"),
@@ -271,7 +426,7 @@ BAD_FRAMES = {
 def test_protocol_errors_are_precise_and_final(case):
     frame, message = BAD_FRAMES[case]
     dst = dst_after_hello()
-    with pytest.raises(ProtocolError, match=message.replace("(", r"\(").replace("#", r"\#")):
+    with pytest.raises(ProtocolError, match=re.escape(message)):
         dst.receive_data(frame)
     assert dst.state is State.ERROR
     with pytest.raises(ProtocolError, match="ERROR"):
@@ -298,7 +453,7 @@ def test_crc_mismatch_and_truncation():
 
 def test_oversize_is_refused_at_the_header():
     dst = dst_after_hello()
-    hdr = struct.pack("<4sHHIQI", MAGIC, 1, MsgType.LBA_DATA, 0xFFFFFFFF, 1, 0)
+    hdr = struct.pack("<4sHHIQI", MAGIC, STREAM_VERSION, MsgType.LBA_DATA, 0xFFFFFFFF, 1, 0)
     with pytest.raises(ProtocolError, match="exceeds the 16777216-byte maximum"):
         dst.receive_data(hdr)  # no waiting for 4 GiB that will never come
     src, _ = handshake()
@@ -335,8 +490,8 @@ def test_send_refusals():
     dst.receive_data(raw_frame(MsgType.HELLO, valid_payload(MsgType.HELLO)))
     with pytest.raises(ProtocolError, match="non-empty list"):
         dst.send(control(MsgType.REFUSE, reasons=[]))
-    with pytest.raises(ProtocolError, match="stream_version 2 != 1"):
-        SourceSession().send(control(MsgType.HELLO, vm={}, stream_version=2))
+    with pytest.raises(ProtocolError, match="stream_version 1 != 2"):
+        SourceSession().send(control(MsgType.HELLO, vm={}, stream_version=1))
     src, dst = handshake()
     with pytest.raises(ProtocolError, match="acknowledges pass 0, outstanding pass is None"):
         dst.send(control(MsgType.PASS_ACK, **{"pass": 0}))
@@ -408,6 +563,7 @@ SCRIPT: list[tuple[Role, Message]] = [
     (D, control(MsgType.ACCEPT)),
     (S, Message.of(LbaData(1, 8, 2, os.urandom(1024)))),
     (S, Message.of(LbaDeallocate(1, [(64, 64)]))),
+    (S, Message.of(LbaRanges(1, [(200, 1), (300, 2)], parts=[os.urandom(1024), os.urandom(512)]))),
     (S, Message.of(RamData.from_pages([(GUEST_BASE, os.urandom(256)), (GUEST_BASE + 4096, os.urandom(64))]))),
     (S, control(MsgType.PASS_END, **{"pass": 0, "kind": "full"})),
     (D, control(MsgType.PASS_ACK, **{"pass": 0})),

@@ -27,7 +27,7 @@ from nvme_lm.hypervisor.node import Node, VfRequirements, VfSlot
 from nvme_lm.hypervisor.policy import MIB, PassFigures, make_policy
 from nvme_lm.hypervisor.precopy import ChangeTracker, PassRecord, PrecopyReceiver, PrecopySender
 from nvme_lm.hypervisor.rollback import SourceRollback
-from nvme_lm.hypervisor.stream import STREAM_VERSION, Message, MsgType, control
+from nvme_lm.hypervisor.stream import BULK_TYPES, STREAM_VERSION, Message, MsgType, control
 from nvme_lm.hypervisor.transport import Channel
 from nvme_lm.vm.machine import Vm, VmSpec
 from nvme_lm.vm.memory import GuestMemory
@@ -361,7 +361,7 @@ async def receive_vm(ch: Channel, inc: Incoming, hooks: FaultHooks = NO_FAULTS) 
         while True:
             msg = await ch.recv(inc.reply_timeout_s)
             t = msg.type
-            if t in (MsgType.LBA_DATA, MsgType.LBA_DEALLOCATE, MsgType.RAM_DATA):
+            if t in BULK_TYPES:
                 await receiver.apply(msg)
                 progress.bytes_lba, progress.bytes_ram = receiver.bytes_lba, receiver.bytes_ram
                 continue

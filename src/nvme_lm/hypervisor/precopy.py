@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,14 +22,23 @@ import numpy as np
 
 from nvme_lm.host import tracking as ht
 from nvme_lm.hypervisor.node import Node, VfSlot
-from nvme_lm.hypervisor.stream import LbaData, LbaDeallocate, Message, MsgType, RamData
+from nvme_lm.hypervisor.stream import (
+    MIN_VERSION,
+    STREAM_VERSION,
+    LbaData,
+    LbaDeallocate,
+    LbaRanges,
+    Message,
+    MsgType,
+    RamData,
+)
 from nvme_lm.spec import cdq as c
 from nvme_lm.vm.memory import GuestMemory
 
 UDMQ_SLOTS = 1 << 16  # 2 MiB of host memory: a busy guest's changes between two drains
 TRACK_RECEIVE_BYTES = 16 << 10
 RAM_FRAME = 1 << 20  # guest bytes per RAM_DATA frame
-LBA_FRAME = 1 << 20  # namespace bytes per LBA_DATA frame
+LBA_FRAME = 1 << 20  # namespace bytes per LBA_RANGES (or LBA_DATA) frame
 LBA_BATCH = 8 << 20  # bytes read through the PF per batch (several frames, many commands in flight)
 PAGE_SHIFT = 12
 
@@ -191,8 +201,13 @@ class PrecopySender:
     """Sends LBA ranges and guest pages over the stream. `send(msg)` is the channel's coroutine."""
 
     def __init__(self, send: Callable[[Message], object], node: Node, slot: VfSlot, mem: GuestMemory, *,
-                 chunk_bytes: int = 128 << 10, max_bandwidth: float = 0.0) -> None:
+                 chunk_bytes: int = 128 << 10, max_bandwidth: float = 0.0, stream_version: int | None = None) -> None:
         self._send, self.node, self.slot, self.mem = send, node, slot, mem
+        if stream_version is None:  # the channel's, when `send` is a Channel's method
+            session = getattr(getattr(send, "__self__", None), "session", None)
+            stream_version = getattr(session, "version", None) or STREAM_VERSION
+        # version 2: LBA data in LBA_RANGES frames of up to LBA_FRAME bytes whatever the ranges' sizes
+        self.multi_range = stream_version >= MIN_VERSION[MsgType.LBA_RANGES]
         self.max_bandwidth = max_bandwidth  # bytes/s; 0: as fast as the stream goes
         self._free_at = 0.0  # pacing: when the link (as capped) is free again, monotonic seconds
         self.lba = slot.lba_size
@@ -205,7 +220,8 @@ class PrecopySender:
         """Sends a message, paced to `max_bandwidth` (a token bucket of one message's worth)."""
         if self.max_bandwidth > 0:
             body = msg.body
-            nbytes = len(body.data) if isinstance(body, LbaData) else body.nbytes if isinstance(body, RamData) else 64
+            nbytes = (len(body.data) if isinstance(body, LbaData) else
+                      body.nbytes if isinstance(body, RamData | LbaRanges) else 64)
             now = time.monotonic()
             self._free_at = max(self._free_at, now) + nbytes / self.max_bandwidth
             if self._free_at - now > 0.001:
@@ -233,7 +249,9 @@ class PrecopySender:
 
     async def send_lbas(self, ranges: list[tuple[int, int]]) -> int:
         """Reads `ranges` through the PF (the next batch is read while this one is sent) and sends them;
-        all-zero pieces go as deallocations (the destination punches holes instead of writing zeroes)."""
+        all-zero pieces go as deallocations (the destination punches holes instead of writing zeroes).
+        Version 2 streams carry the blocks of many ranges per LBA_RANGES frame (a scattered set costs one
+        frame per LBA_FRAME bytes, not one per range); version 1 one LBA_DATA frame per piece."""
         batches = self._batches(ranges)
         if not batches:
             return 0
@@ -252,26 +270,60 @@ class PrecopySender:
                 data = await pending
                 if i + 1 < len(batches):
                     pending = asyncio.create_task(asyncio.to_thread(read, i + 1))
-                words = np.frombuffer(data, dtype=np.uint64)
-                off = 0
-                zeros: list[tuple[int, int]] = []
-                for s, n in batch:
-                    nbytes = n * self.lba
-                    piece = data[off : off + nbytes]
-                    if not words[off // 8 : (off + nbytes) // 8].any():
-                        zeros.append((s, n))
-                    else:
-                        await self.send(Message.of(LbaData(self.slot.ensid, s, n, piece)))
-                        sent += nbytes
-                    off += nbytes
-                if zeros:
-                    await self.send(Message.of(LbaDeallocate(self.slot.ensid, zeros)))
-                    sent += 12 * len(zeros)
+                sent += await self._send_batch(batch, data)
         finally:
             if not pending.done():  # a failure mid-way: let the reader thread finish with the buffer first
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pending)
         self.bytes_lba += sent
+        return sent
+
+    async def _send_batch(self, batch: list[tuple[int, int]], data: memoryview) -> int:
+        """Frames one batch read into `data` (the pieces back to back); returns the bytes it counts as sent."""
+        lba, ensid = self.lba, self.slot.ensid
+        nlbs = np.fromiter((n for _, n in batch), dtype=np.int64, count=len(batch))
+        starts = np.r_[0, np.cumsum(nlbs)[:-1]] * (lba // 8)  # each piece's first 8-byte word
+        nonzero = (np.maximum.reduceat(np.frombuffer(data, dtype=np.uint64), starts) != 0).tolist()
+        sent = 0
+        zeros: list[tuple[int, int]] = []
+        frame: list[list[int]] = []  # [slba, nlb] of the frame being gathered (LBA-adjacent pieces joined)
+        spans: list[list[int]] = []  # [start, end) offsets of its bytes in `data` (adjacent pieces joined)
+        frame_bytes = 0
+
+        async def flush() -> None:
+            await self.send(Message.of(LbaRanges(ensid, [(a, b) for a, b in frame],
+                                                 parts=[data[a:b] for a, b in spans])))
+            frame.clear()
+            spans.clear()
+
+        off = 0
+        for (s, n), keep in zip(batch, nonzero, strict=True):
+            nbytes = n * lba
+            off += nbytes
+            if not keep:
+                zeros.append((s, n))
+                continue
+            sent += nbytes
+            if not self.multi_range:
+                await self.send(Message.of(LbaData(ensid, s, n, data[off - nbytes : off])))
+                continue
+            if frame and (frame_bytes + nbytes > LBA_FRAME or s < frame[-1][0] + frame[-1][1]):
+                await flush()
+                frame_bytes = 0
+            if frame and s == frame[-1][0] + frame[-1][1]:
+                frame[-1][1] += n
+            else:
+                frame.append([s, n])
+            if spans and spans[-1][1] == off - nbytes:
+                spans[-1][1] = off
+            else:
+                spans.append([off - nbytes, off])
+            frame_bytes += nbytes
+        if frame:
+            await flush()
+        if zeros:
+            await self.send(Message.of(LbaDeallocate(ensid, zeros)))
+            sent += 12 * len(zeros)
         return sent
 
     async def send_pages(self, pages: np.ndarray, *, skip_zero: bool = False, paused: bool = False) -> int:
@@ -308,57 +360,111 @@ class PrecopySender:
 # ------------------------------------------------------------------------------------ destination side
 class PrecopyReceiver:
     """Applies what the source sends: LBAs through this host's PF into the new VF's namespace, pages
-    straight into the VM's (not yet running) memory. Consecutive LBA_DATA messages are gathered into
-    the hypervisor's DMA memory and written as one batch (many commands in flight, one thread hop)."""
+    straight into the VM's (not yet running) memory. LBA data (LBA_DATA, LBA_RANGES) is gathered into
+    the hypervisor's DMA memory and written in batches (many commands in flight, one thread hop); two
+    batch buffers, so the stream goes on filling one while the PF writes the other. One write is in
+    flight at a time, in arrival order, so a later copy of a block always lands after an earlier one."""
 
     def __init__(self, node: Node, slot: VfSlot, mem: GuestMemory) -> None:
         self.node, self.slot, self.mem = node, slot, mem
         self.bytes_lba = 0
         self.bytes_ram = 0
-        self._batch = node.host_buffer(LBA_BATCH)
-        self._ranges: list[tuple[int, int]] = []
+        self._buffers = [node.host_buffer(LBA_BATCH), node.host_buffer(LBA_BATCH)]
+        self._cur = 0  # the buffer being filled
+        self._ranges: list[list[int]] = []  # [slba, nlb] of what it holds, back to back (adjacent ranges joined)
         self._fill = 0
+        self._writing: asyncio.Future[None] | None = None  # the other buffer's write
+        self._lock = threading.Lock()
+        self._in_flight = False  # a PF write thread is using a buffer (close() must not free it under it)
+        self._closed = False
 
     def close(self) -> None:
-        self.node.free_host_buffer(self._batch)
+        """Frees the buffers now, or when a write still in flight (an aborted migration) has finished."""
+        with self._lock:
+            self._closed = True
+            if not self._in_flight:
+                self._free()
+        if self._writing is not None:
+            self._writing.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: not logged
+
+    def _free(self) -> None:
+        for b in self._buffers:
+            self.node.free_host_buffer(b)
+        self._buffers = []
 
     async def apply(self, msg: Message) -> None:
         body = msg.body
-        if msg.type is MsgType.LBA_DATA:
-            assert isinstance(body, LbaData)
-            self._check_lbas(body.nsid, [(body.slba, body.nlb)])
+        if msg.type is MsgType.LBA_DATA or msg.type is MsgType.LBA_RANGES:
+            assert isinstance(body, LbaData | LbaRanges)
+            ranges = [(body.slba, body.nlb)] if isinstance(body, LbaData) else body.ranges
+            self._check_lbas(body.nsid, ranges)  # all of them before any is buffered: a bad frame leaves nothing
             if body.lba_size != self.slot.lba_size:
                 raise ValueError(f"LBA data of {body.lba_size}-byte blocks for a {self.slot.lba_size}-byte namespace")
-            n = len(body.data)
-            if self._fill + n > len(self._batch):
+            data = body.data
+            assert data is not None
+            n = len(data)
+            if self._fill + n > LBA_BATCH:
+                await self._submit()
+            if n > LBA_BATCH:  # bigger than a batch (a peer's choice): written from the frame itself
                 await self.flush()
-            if n > len(self._batch):
-                await asyncio.to_thread(self.node.write_lbas, self.slot.nsid, body.slba, body.data)
+                await asyncio.to_thread(self.node.write_ranges, self.slot.nsid, list(ranges), data)
             else:
-                self._batch[self._fill : self._fill + n] = body.data
-                self._ranges.append((body.slba, body.nlb))
+                self._buffers[self._cur][self._fill : self._fill + n] = data
                 self._fill += n
+                last = self._ranges[-1] if self._ranges else None
+                for s, nlb in ranges:
+                    if last is not None and last[0] + last[1] == s:
+                        last[1] += nlb
+                    else:
+                        last = [s, nlb]
+                        self._ranges.append(last)
             self.bytes_lba += n
+            return
+        if msg.type is MsgType.RAM_DATA:  # guest memory: independent of the namespace's writes
+            assert isinstance(body, RamData)
+            for addr, chunk in body.chunks():
+                self.mem.view(addr, len(chunk))[:] = chunk  # outside guest RAM: ValueError, stream aborted
+                self.bytes_ram += len(chunk)
             return
         await self.flush()  # anything else is ordered after the LBA data before it
         if msg.type is MsgType.LBA_DEALLOCATE:
             assert isinstance(body, LbaDeallocate)
             self._check_lbas(body.nsid, body.ranges)
             await asyncio.to_thread(self.node.deallocate, self.slot.nsid, list(body.ranges))
-        elif msg.type is MsgType.RAM_DATA:
-            assert isinstance(body, RamData)
-            for addr, data in body.chunks():
-                self.mem.view(addr, len(data))[:] = data  # outside guest RAM: ValueError, stream aborted
-                self.bytes_ram += len(data)
         else:
             raise ValueError(f"not a data message: {msg.type.name}")
 
+    async def _submit(self) -> None:
+        """Starts writing the gathered batch (after the previous write has finished) and switches buffers."""
+        if not self._ranges:
+            return
+        await self._wait_write()
+        ranges = [(s, n) for s, n in self._ranges]
+        view = self._buffers[self._cur][: self._fill]
+        self._cur ^= 1
+        self._ranges, self._fill = [], 0
+        self._in_flight = True
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, ranges, view))
+
+    def _write(self, ranges: list[tuple[int, int]], view: memoryview) -> None:
+        try:
+            self.node.write_ranges(self.slot.nsid, ranges, view)
+        finally:
+            with self._lock:
+                self._in_flight = False
+                if self._closed:
+                    self._free()
+
+    async def _wait_write(self) -> None:
+        """Waits for the write in flight; its failure (the PF refused a write) is raised here."""
+        w, self._writing = self._writing, None
+        if w is not None:
+            await w
+
     async def flush(self) -> None:
-        """Writes the gathered LBA data (call before acknowledging a pass)."""
-        if self._ranges:
-            ranges, fill = self._ranges, self._fill
-            self._ranges, self._fill = [], 0
-            await asyncio.to_thread(self.node.write_ranges, self.slot.nsid, ranges, self._batch[:fill])
+        """Writes everything gathered and waits for it (call before acknowledging a pass)."""
+        await self._submit()
+        await self._wait_write()
 
     def _check_lbas(self, ensid: int, ranges) -> None:
         if ensid != self.slot.ensid:

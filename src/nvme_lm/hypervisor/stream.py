@@ -18,8 +18,10 @@ from typing import ClassVar
 
 import crc32c
 import msgpack
+import numpy as np
 
-STREAM_VERSION = 1
+STREAM_VERSION = 2  # what this end sends by default (the newest it speaks)
+SUPPORTED_VERSIONS = (1, 2)  # what it accepts from a peer (the peer's HELLO frame picks one)
 MAGIC = b"NVLM"
 MAX_PAYLOAD = 16 << 20
 
@@ -35,6 +37,9 @@ _DEALLOC = struct.Struct("<II")  # nsid, count
 _DEALLOC_RANGE = struct.Struct("<QI")  # slba, nlb
 _RAM = struct.Struct("<I")  # count
 _RAM_DESC = struct.Struct("<QI")  # guest address, length
+_RANGES = struct.Struct("<II")  # nsid, count (LBA_RANGES, stream version 2)
+_RANGE_DT = np.dtype([("slba", "<u8"), ("nlb", "<u4")])  # 12 bytes, packed: the LBA_RANGES range table
+assert _RANGE_DT.itemsize == 12
 
 # what callers may pass as data: anything with a contiguous buffer (bytes, bytearray, memoryview, mmap, numpy)
 Buffer = bytes | bytearray | memoryview
@@ -72,10 +77,13 @@ class MsgType(IntEnum):
     LBA_DATA = 32
     LBA_DEALLOCATE = 33
     RAM_DATA = 34
+    LBA_RANGES = 35  # stream version 2
 
 
-BULK_TYPES = frozenset({MsgType.LBA_DATA, MsgType.LBA_DEALLOCATE, MsgType.RAM_DATA})
+BULK_TYPES = frozenset({MsgType.LBA_DATA, MsgType.LBA_DEALLOCATE, MsgType.RAM_DATA, MsgType.LBA_RANGES})
 _TYPES = {int(t): t for t in MsgType}
+MIN_VERSION = {MsgType.LBA_RANGES: 2}  # message types newer than version 1: the stream version they need
+RECV_SCRATCH = 64 << 10  # `get_buffer` between frames: headers and small frames land here (parsed, then reused)
 
 
 class Role(Enum):
@@ -145,6 +153,12 @@ def regroup(buffers: Iterable[Buffer], piece: int, copy: bool = False) -> list[B
     if run:
         out.append(b"".join(run) if copy or len(run) > 1 else run[0])
     return out
+
+
+def _new_payload(length: int) -> memoryview:
+    """A frame's own buffer, every byte of which is written before it is read: not zero-filled (`bytearray(n)`
+    zeroes it, a memset of every received byte) and usually recycled heap memory (no page faults)."""
+    return memoryview(np.empty(length, dtype=np.uint8))
 
 
 def _is_pow2(n: int) -> bool:
@@ -312,11 +326,124 @@ class RamData:
         return msg
 
 
-BulkBody = LbaData | LbaDeallocate | RamData
-_BULK_CLASSES: dict[MsgType, type[LbaData] | type[LbaDeallocate] | type[RamData]] = {
+@dataclass(slots=True, frozen=True)
+class LbaRanges:
+    """Stream version 2: many (slba, nlb) ranges of namespace `nsid` and their blocks, back to back.
+
+    Scattered small ranges (a fragmented namespace, the deltas of later passes) then cost one frame per
+    ~1 MiB instead of one per range, and the destination writes a whole frame with one batch of
+    commands. Ranges are strictly ascending and do not overlap (what the sender's merged range lists
+    are anyway), so a frame's effect does not depend on the order its ranges are written in. The LBA
+    size is not sent: it is len(data) / (sum of nlb), a power of two from 512 to 64 KiB.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.LBA_RANGES
+    nsid: int
+    ranges: Sequence[tuple[int, int]]
+    data: memoryview | None = None  # received: one view of all blocks
+    parts: Sequence[Buffer] = ()  # to send: buffers holding the blocks in range order (not copied)
+
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            object.__setattr__(self, "data", _as_bytes_view(self.data))
+
+    @property
+    def nlb(self) -> int:
+        """Blocks in all ranges."""
+        return sum(n for _, n in self.ranges)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if self.data is not None else sum(memoryview(p).nbytes for p in self.parts)
+
+    @property
+    def lba_size(self) -> int:
+        return self.nbytes // self.nlb
+
+    def chunks(self) -> Iterator[tuple[int, int, memoryview]]:
+        """(slba, nlb, view of its blocks) for every range of a received message."""
+        if self.data is None:
+            raise ValueError("chunks() is for received LBA_RANGES; this one has send-side parts")
+        lba = self.lba_size
+        off = 0
+        for slba, nlb in self.ranges:
+            yield slba, nlb, self.data[off : off + nlb * lba]
+            off += nlb * lba
+
+    def validate(self) -> None:
+        count = len(self.ranges)
+        if not 0 <= self.nsid <= 0xFFFFFFFF:
+            raise ProtocolError(f"LBA_RANGES: nsid {self.nsid} out of range")
+        if not count:
+            raise ProtocolError("LBA_RANGES: no ranges")
+        if _RANGES.size + count * _RANGE_DT.itemsize > MAX_PAYLOAD:
+            raise ProtocolError(f"LBA_RANGES: {count} ranges do not fit in one frame")
+        try:
+            table = np.array(self.ranges, dtype=np.uint64).reshape(count, 2)
+        except (OverflowError, ValueError, TypeError):
+            raise ProtocolError("LBA_RANGES: ranges must be (slba, nlb) pairs of unsigned 64-bit integers") from None
+        _check_range_table(table[:, 0], table[:, 1])
+        nlb = int(table[:, 1].sum(dtype=object))
+        _check_lba_bytes("LBA_RANGES", self.nbytes, nlb)
+
+    def encode(self) -> list[Buffer]:
+        head = bytearray(_RANGES.size + len(self.ranges) * _RANGE_DT.itemsize)
+        _RANGES.pack_into(head, 0, self.nsid, len(self.ranges))
+        table = np.frombuffer(head, dtype=_RANGE_DT, offset=_RANGES.size)
+        arr = np.array(self.ranges, dtype=np.uint64).reshape(-1, 2)
+        table["slba"], table["nlb"] = arr[:, 0], arr[:, 1]
+        return [head, *(self.parts if self.data is None else (self.data,))]
+
+    @classmethod
+    def decode(cls, payload: memoryview) -> LbaRanges:
+        if len(payload) < _RANGES.size:
+            raise ProtocolError(f"LBA_RANGES: truncated body ({len(payload)} bytes, header needs {_RANGES.size})")
+        nsid, count = _RANGES.unpack_from(payload)
+        head = _RANGES.size + count * _RANGE_DT.itemsize
+        if not count:
+            raise ProtocolError("LBA_RANGES: no ranges")
+        if len(payload) < head:
+            raise ProtocolError(f"LBA_RANGES: {count} ranges need {head} body bytes, the body has {len(payload)}")
+        table = np.frombuffer(payload, dtype=_RANGE_DT, count=count, offset=_RANGES.size)
+        slba, nlb = table["slba"], table["nlb"].astype(np.uint64)
+        _check_range_table(slba, nlb)
+        _check_lba_bytes("LBA_RANGES", len(payload) - head, int(nlb.sum(dtype=object)))
+        ranges = list(zip(slba.tolist(), nlb.tolist(), strict=True))
+        return cls(nsid, ranges, data=payload[head:])
+
+
+def _check_range_table(slba: np.ndarray, nlb: np.ndarray) -> None:
+    """Every nlb in 1..2^32-1, slba + nlb <= 2^64, ranges strictly ascending without overlap (uint64 arrays)."""
+    if (nlb == 0).any() or (nlb > 0xFFFFFFFF).any():
+        i = int(np.flatnonzero((nlb == 0) | (nlb > 0xFFFFFFFF))[0])
+        raise ProtocolError(f"LBA_RANGES: range #{i} has nlb {int(nlb[i])} (1..2^32-1)")
+    last = slba + (nlb - np.uint64(1))  # the last block of each range: no wrap-around while slba + nlb <= 2^64
+    wrapped = last < slba
+    if wrapped.any():
+        i = int(np.flatnonzero(wrapped)[0])
+        raise ProtocolError(f"LBA_RANGES: range #{i} (slba {int(slba[i])}, nlb {int(nlb[i])}) ends beyond 2^64")
+    bad = slba[1:] <= last[:-1]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0]) + 1
+        raise ProtocolError(f"LBA_RANGES: range #{i} (slba {int(slba[i])}) overlaps or precedes range #{i - 1} "
+                            f"(slba {int(slba[i - 1])}, nlb {int(nlb[i - 1])}): ranges must be strictly ascending")
+
+
+def _check_lba_bytes(name: str, nbytes: int, nlb: int) -> None:
+    """`nbytes` of data must be `nlb` blocks of one power-of-two LBA size."""
+    if nbytes % nlb or not (_is_pow2(nbytes // nlb) and MIN_LBA_SIZE <= nbytes // nlb <= MAX_LBA_SIZE):
+        raise ProtocolError(
+            f"{name}: {nbytes} data bytes for {nlb} blocks is not blocks x a power-of-two LBA size "
+            f"({MIN_LBA_SIZE}..{MAX_LBA_SIZE})"
+        )
+
+
+BulkBody = LbaData | LbaDeallocate | RamData | LbaRanges
+_BULK_CLASSES: dict[MsgType, type[LbaData] | type[LbaDeallocate] | type[RamData] | type[LbaRanges]] = {
     MsgType.LBA_DATA: LbaData,
     MsgType.LBA_DEALLOCATE: LbaDeallocate,
     MsgType.RAM_DATA: RamData,
+    MsgType.LBA_RANGES: LbaRanges,
 }
 
 
@@ -352,8 +479,6 @@ def _validate_control(mtype: MsgType, body: object) -> dict:
         val = body[key]
         if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
             raise ProtocolError(f"{name}: field {key!r} must be {typ.__name__}, got {type(val).__name__}")
-    if mtype is MsgType.HELLO and body["stream_version"] != STREAM_VERSION:
-        raise ProtocolError(f"HELLO: stream_version {body['stream_version']} != {STREAM_VERSION}")
     if mtype is MsgType.REFUSE and (not body["reasons"] or not all(isinstance(r, str) for r in body["reasons"])):
         raise ProtocolError("REFUSE: 'reasons' must be a non-empty list of strings")
     if mtype in (MsgType.PASS_END, MsgType.PASS_ACK) and body["pass"] < 0:
@@ -366,7 +491,7 @@ class Message:
     """One stream message: a control message's body is a dict, a bulk message's a typed dataclass."""
 
     type: MsgType
-    body: dict | LbaData | LbaDeallocate | RamData
+    body: dict | LbaData | LbaDeallocate | RamData | LbaRanges
 
     @classmethod
     def of(cls, body: BulkBody) -> Message:
@@ -389,6 +514,7 @@ TRANSITIONS: dict[tuple[State, Role, str, MsgType], State] = {
     (_st.COPYING, S, SEND, _T.LBA_DATA): _st.COPYING,
     (_st.COPYING, S, SEND, _T.LBA_DEALLOCATE): _st.COPYING,
     (_st.COPYING, S, SEND, _T.RAM_DATA): _st.COPYING,
+    (_st.COPYING, S, SEND, _T.LBA_RANGES): _st.COPYING,
     (_st.COPYING, S, SEND, _T.PASS_END): _st.COPYING,
     (_st.COPYING, S, RECV, _T.PASS_ACK): _st.COPYING,
     (_st.COPYING, S, SEND, _T.SWITCHOVER): _st.SWITCHING,
@@ -405,6 +531,7 @@ TRANSITIONS: dict[tuple[State, Role, str, MsgType], State] = {
     (_st.RECEIVING, D, RECV, _T.LBA_DATA): _st.RECEIVING,
     (_st.RECEIVING, D, RECV, _T.LBA_DEALLOCATE): _st.RECEIVING,
     (_st.RECEIVING, D, RECV, _T.RAM_DATA): _st.RECEIVING,
+    (_st.RECEIVING, D, RECV, _T.LBA_RANGES): _st.RECEIVING,
     (_st.RECEIVING, D, RECV, _T.PASS_END): _st.RECEIVING,
     (_st.RECEIVING, D, SEND, _T.PASS_ACK): _st.RECEIVING,
     (_st.RECEIVING, D, RECV, _T.SWITCHOVER): _st.SWITCHING,
@@ -438,7 +565,11 @@ class _Session:
     role: ClassVar[Role]
     initial: ClassVar[State]
 
-    def __init__(self) -> None:
+    def __init__(self, version: int | None = None) -> None:
+        if version is not None and version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"stream version {version} is not one this end speaks ({_speaks()})")
+        # the stream's version: every frame either way carries it; a destination learns it from HELLO
+        self.version: int | None = version
         self.state: State = self.initial
         self.error: str | None = None
         self.bytes_sent = 0
@@ -450,13 +581,22 @@ class _Session:
         self._hdr = bytearray()
         self._frame: tuple[MsgType, int, int, int] | None = None  # type, length, seq, expected crc
         self._crc = 0  # running CRC of the header prefix
-        self._payload: bytearray | None = None
+        self._payload: memoryview | None = None  # the payload being filled (`_new_payload`)
         self._filled = 0
         self._outstanding_passes: list[int] = []  # PASS_END numbers not yet acknowledged
         self._last_pass = -1
+        self._scratch = memoryview(bytearray(RECV_SCRATCH))  # get_buffer between frames
+        self._direct = False  # the last get_buffer handed out the payload of the frame being received
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.state.name} sent#{self._send_seq} recv#{self._recv_seq}>"
+        return (f"<{type(self).__name__} v{self.version} {self.state.name} sent#{self._send_seq} "
+                f"recv#{self._recv_seq}>")
+
+    def _check_version(self, mtype: MsgType, verb: str) -> None:
+        need = MIN_VERSION.get(mtype, 1)
+        if need > (self.version or STREAM_VERSION):
+            raise ProtocolError(f"{mtype.name} needs stream version {need}: cannot {verb} it on a version "
+                                f"{self.version} stream")
 
     @property
     def pending(self) -> int:
@@ -471,6 +611,8 @@ class _Session:
             msg = Message.of(msg)
         mtype = MsgType(msg.type)
         next_state = self._next(mtype, SEND)
+        self._check_version(mtype, "send")
+        version = self.version or STREAM_VERSION  # a destination that has no HELLO yet: its own newest
         if mtype in BULK_TYPES:
             body = msg.body
             if not isinstance(body, _BULK_CLASSES[mtype]):
@@ -480,8 +622,11 @@ class _Session:
         else:
             body = msg.body
             if mtype is MsgType.HELLO and isinstance(body, dict) and "stream_version" not in body:
-                body = {"stream_version": STREAM_VERSION, **body}
+                body = {"stream_version": version, **body}
             _validate_control(mtype, body)
+            if mtype is MsgType.HELLO and body["stream_version"] != version:
+                raise ProtocolError(f"HELLO: stream_version {body['stream_version']} != {version} "
+                                    f"(the version of this session)")
             try:
                 parts = [msgpack.packb(body, use_bin_type=True)]
             except (TypeError, ValueError, OverflowError) as exc:
@@ -490,7 +635,7 @@ class _Session:
         length = sum(memoryview(p).nbytes for p in parts)
         if length > MAX_PAYLOAD:
             raise ProtocolError(f"{mtype.name}: payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
-        prefix = _PREFIX.pack(MAGIC, STREAM_VERSION, mtype, length, self._send_seq)
+        prefix = _PREFIX.pack(MAGIC, version, mtype, length, self._send_seq)
         crc = crc32c.crc32c(prefix)
         for p in parts:
             crc = crc32c.crc32c(p, crc)
@@ -509,19 +654,62 @@ class _Session:
         """Feed received bytes; return the complete messages they finish. `b""` means end of stream."""
         if self.state is State.ERROR:
             raise ProtocolError(f"session is in ERROR ({self.error})")
+        mv = _as_bytes_view(data)
+        if not len(mv):
+            self._eof = True
+            if self.pending:
+                raise self._fail(ProtocolError(f"stream ended mid-frame ({self.pending} bytes of a frame received)"))
+            return []
+        # a bytes chunk is immutable, so a payload wholly inside it can be a view (no copy)
+        return self._feed(mv, isinstance(data, bytes))
+
+    def get_buffer(self) -> memoryview:
+        """Where the transport should put the next bytes it receives (asyncio's BufferedProtocol), then
+        call `buffer_updated(n)`. Inside a frame's payload it is the rest of that payload's own buffer, so
+        bulk data is decrypted straight into the message (no copy); between frames a scratch buffer whose
+        contents `buffer_updated` parses (and copies from) before handing it out again."""
+        if self._payload is not None and self.state is not State.ERROR:
+            self._direct = True
+            return self._payload[self._filled :]
+        self._direct = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> list[Message]:
+        """`nbytes` were written at the start of the last `get_buffer`; returns the messages they finish."""
+        if self.state is State.ERROR:
+            raise ProtocolError(f"session is in ERROR ({self.error})")
+        if nbytes <= 0:
+            return []
+        if not self._direct:
+            return self._feed(self._scratch[:nbytes], False)
+        self._direct = False
+        assert self._payload is not None
+        if self._eof:
+            raise self._fail(ProtocolError("data received after end of stream"))
+        self.bytes_received += nbytes
+        self._filled += nbytes
+        if self._filled < len(self._payload):
+            return []
+        payload = self._payload
+        self._payload = None
+        try:
+            return [self._finish(payload)]
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def _fail(self, exc: ProtocolError, parsed: list[Message] | None = None) -> ProtocolError:
+        """Errors are final: the session goes to ERROR; `exc` (to raise) keeps the messages parsed before it."""
+        self.state = State.ERROR
+        self.error = str(exc)
+        exc.messages = parsed or []
+        return exc
+
+    def _feed(self, mv: memoryview, immutable: bool) -> list[Message]:
         out: list[Message] = []
         try:
-            mv = _as_bytes_view(data)
-            if not len(mv):
-                self._eof = True
-                if self.pending:
-                    raise ProtocolError(f"stream ended mid-frame ({self.pending} bytes of a frame received)")
-                return out
             if self._eof:
                 raise ProtocolError("data received after end of stream")
             self.bytes_received += len(mv)
-            # a bytes chunk is immutable, so a payload wholly inside it can be a view (no copy)
-            immutable = isinstance(data, bytes)
             pos, n = 0, len(mv)
             while pos < n:
                 if self._frame is None:
@@ -541,10 +729,11 @@ class _Session:
                         out.append(self._finish(mv[pos : pos + length]))
                         pos += length
                         continue
-                    self._payload = bytearray(length)
+                    self._payload = _new_payload(length)
                     self._filled = 0
                     if length == 0:
-                        out.append(self._finish(memoryview(self._payload)))
+                        self._payload = None
+                        out.append(self._finish(memoryview(b"")))
                         continue
                 else:
                     assert self._payload is not None
@@ -553,24 +742,27 @@ class _Session:
                     self._filled += take
                     pos += take
                     if self._filled == len(self._payload):
-                        payload = memoryview(self._payload)
+                        payload = self._payload
                         self._payload = None
                         out.append(self._finish(payload))
         except ProtocolError as exc:
-            self.state = State.ERROR
-            self.error = str(exc)
-            exc.messages = out
-            raise
+            raise self._fail(exc, out) from None
         return out
 
     def _parse_header(self, hdr: memoryview) -> None:
         magic, version, mtype, length, seq, crc = _HEADER.unpack_from(hdr)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}) at frame #{self._recv_seq}")
-        if version != STREAM_VERSION:
-            raise ProtocolError(f"unknown stream version {version} (this end speaks {STREAM_VERSION})")
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(f"unknown stream version {version} (this end speaks {_speaks()})")
+        if self.version is None:
+            self.version = version  # a destination: the source's first frame (its HELLO) sets the version
+        elif version != self.version:
+            raise ProtocolError(f"frame #{self._recv_seq} has stream version {version}, this stream is version "
+                                f"{self.version}")
         if mtype not in _TYPES:
             raise ProtocolError(f"unknown message type {mtype} in frame #{self._recv_seq}")
+        self._check_version(_TYPES[mtype], "receive")
         if length > MAX_PAYLOAD:
             raise ProtocolError(f"{_TYPES[mtype].name}: payload length {length} exceeds the {MAX_PAYLOAD}-byte maximum")
         self._crc = crc32c.crc32c(hdr[: _PREFIX.size])
@@ -598,6 +790,9 @@ class _Session:
             except Exception as exc:  # msgpack raises many types (ExtraData, FormatError, ValueError, ...)
                 raise ProtocolError(f"{mtype.name}: bad msgpack body: {type(exc).__name__}: {exc}") from None
             body = _validate_control(mtype, raw)
+            if mtype is MsgType.HELLO and body["stream_version"] != self.version:
+                raise ProtocolError(f"HELLO: stream_version {body['stream_version']} != {self.version} "
+                                    f"(the version of its frame)")
         self._check_pass(mtype, body)
         self._apply_pass(mtype, body)
         self.state = next_state
@@ -632,10 +827,14 @@ class _Session:
 
 
 class SourceSession(_Session):
-    """The sending host's end: HELLO, bulk data and passes, SWITCHOVER, COMMIT after PREPARED, DONE after COMMITTED."""
+    """The sending host's end: HELLO, bulk data and passes, SWITCHOVER, COMMIT after PREPARED, DONE after COMMITTED.
+    It speaks `version` (default the newest); a destination that does not speak it refuses the HELLO frame."""
 
     role = Role.SOURCE
     initial = State.IDLE
+
+    def __init__(self, version: int = STREAM_VERSION) -> None:
+        super().__init__(version)
 
 
 class DestinationSession(_Session):
@@ -643,6 +842,10 @@ class DestinationSession(_Session):
 
     role = Role.DESTINATION
     initial = State.WAIT_HELLO
+
+
+def _speaks() -> str:
+    return ", ".join(map(str, SUPPORTED_VERSIONS))
 
 
 def control(mtype: MsgType, **body: object) -> Message:
