@@ -17,6 +17,7 @@ from rich.table import Table
 from nvme_lm.cli.bench_lba import lba_status_command
 from nvme_lm.cli.bench_migrate import migrate_command as bench_migrate_command
 from nvme_lm.cli.bench_noisy import noisy_command
+from nvme_lm.cli.bench_tcp import tcp_command
 from nvme_lm.cli.device import device
 from nvme_lm.cli.lm import lm
 from nvme_lm.cli.migrate import demo, host, migrate
@@ -158,6 +159,7 @@ def run_io(*, as_json: bool, seconds: float, size_mib: int, data_dir: str | None
 bench.add_command(lba_status_command)  # `nvme-lm bench lba-status` (cli/bench_lba.py, TP4165)
 bench.add_command(noisy_command)  # `nvme-lm bench noisy` (cli/bench_noisy.py, TP4176 rate limiting)
 bench.add_command(bench_migrate_command)  # `nvme-lm bench migrate` (cli/bench_migrate.py, issue 6's figures)
+bench.add_command(tcp_command)  # `nvme-lm bench tcp` (cli/bench_tcp.py, issue 7: NVMe/TCP on loopback)
 
 
 # ------------------------------------------------------------------------------------------ device

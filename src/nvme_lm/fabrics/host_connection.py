@@ -180,16 +180,20 @@ class HostConnection(_Connection):
 
     # ---- send side
     def send_command(
-        self, sqe: SQE, *, data: Buffer | None = None, read_len: int = 0, in_capsule: bool | None = None
+        self, sqe: SQE, *, data: Buffer | None = None, read_len: int = 0, in_capsule: bool | None = None,
+        cid: int | None = None,
     ) -> list[Buffer]:
         """Send a command capsule; SGL1 and PSDT are filled in here.
 
         `data`: bytes to write (in the capsule when they fit `max_icd`, unless `in_capsule` says
         otherwise; else the target asks for them with R2Ts). `read_len`: bytes the command reads.
+        `cid` (default `sqe.cid`) lets a caller reuse one SQE for many commands without copying it.
         """
         self._require_ready()
-        if sqe.cid in self._cmds:
-            raise LocalProtocolError(f"CID {sqe.cid:#x} already outstanding")
+        if cid is None:
+            cid = sqe.cid
+        if cid in self._cmds:
+            raise LocalProtocolError(f"CID {cid:#x} already outstanding")
         if data is not None and read_len:
             raise LocalProtocolError("a command moves data in one direction")
         mv = memoryview(data).cast("B") if data is not None else None
@@ -206,10 +210,10 @@ class HostConnection(_Connection):
             prp1, prp2 = sgl_fields(n or read_len, SGL_TRANSPORT)
             write, payload = (mv if n else None), None
         cmd = SQE(
-            sqe.opcode, (sqe.flags & 0x3F) | _PSDT_SGL, sqe.cid, sqe.nsid, sqe.cdw2, sqe.cdw3, sqe.mptr, prp1, prp2,
+            sqe.opcode, (sqe.flags & 0x3F) | _PSDT_SGL, cid, sqe.nsid, sqe.cdw2, sqe.cdw3, sqe.mptr, prp1, prp2,
             sqe.cdw10, sqe.cdw11, sqe.cdw12, sqe.cdw13, sqe.cdw14, sqe.cdw15,
         )
-        self._cmds[sqe.cid] = _HostCmd(sqe.cid, write, 0 if n else read_len)
+        self._cmds[cid] = _HostCmd(cid, write, 0 if n else read_len)
         return self._encode(CapsuleCmd(cmd, payload if payload is not None else b""))
 
     def send_h2c_data(self, ttag: int) -> list[Buffer]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nvme_lm.fabrics.connection import (
     C2HDataReceived,
-    ConnectionClosed,
     IcRespReceived,
     ProtocolError,
     R2TReceived,
@@ -47,105 +46,186 @@ class FabricsCommandError(Exception):
 
 @dataclass(slots=True)
 class _Pending:
-    future: asyncio.Future[CQE]
-    data: bytearray = field(default_factory=bytearray)
+    future: asyncio.Future[CQE] | None  # `submit`: awaited; `start`: None, `callback` instead
+    data: bytearray | memoryview | None  # where the command's read data lands
+    callback: Callable[[CQE | None], None] | None = None
+
+
+class _QueueProtocol(asyncio.Protocol):
+    """asyncio's callbacks for one TcpQueue: received bytes go straight to the state machine, with no
+    reader task to wake and no stream buffer to copy through."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: TcpQueue) -> None:
+        self.queue = queue
+
+    def data_received(self, data: bytes) -> None:
+        self.queue._received(data)
+
+    def eof_received(self) -> bool:
+        return False  # close: connection_lost fails what is outstanding
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.queue._lost(exc)
 
 
 class TcpQueue:
-    """One host-side queue: a TCP connection to the target with its own ICReq/ICResp."""
+    """One host-side queue: a TCP connection to the target with its own ICReq/ICResp.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: HostConnection,
-                 timeout: float) -> None:
-        self.reader = reader
-        self.writer = writer
+    `submit()` awaits one command; `start()` sends one and returns at once (a callback takes the
+    completion), so a caller keeps many in flight. PDUs sent while received PDUs are handled (a
+    callback starting the next command, H2CData answering an R2T) leave in one write afterwards.
+    """
+
+    def __init__(self, conn: HostConnection, timeout: float) -> None:
+        self.transport: asyncio.Transport | None = None
         self.conn = conn
         self.timeout = timeout
         self.qid = 0
         self.term_req: TermReqReceived | None = None  # a C2HTermReq the target ended the connection with
+        self.error: BaseException | None = None  # why the connection ended
         self.closed = asyncio.Event()
         self._pending: dict[int, _Pending] = {}
         self._cids = itertools.cycle(range(1, 0xFFFF))
         self._icresp = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._out: list[Buffer] | None = None  # gathered while received events are handled
 
     @classmethod
     async def open(cls, host: str, port: int, *, hdgst: bool = False, ddgst: bool = False,
                    timeout: float = DEFAULT_TIMEOUT) -> TcpQueue:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        q = cls(reader, writer, HostConnection(hdgst=hdgst, ddgst=ddgst), timeout)
-        q._task = asyncio.create_task(q._read_loop())
-        writer.write(q.conn.send_icreq())
+        q = cls(HostConnection(hdgst=hdgst, ddgst=ddgst), timeout)
+        loop = asyncio.get_running_loop()
+        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: _QueueProtocol(q), host, port), timeout)
+        q.transport = transport  # type: ignore[assignment]
+        q._send([q.conn.send_icreq()])
         await asyncio.wait_for(q._icresp.wait(), timeout)
         return q
 
     def write_raw(self, data: bytes) -> None:
         """Bytes straight onto the wire (tests of malformed PDUs)."""
-        self.writer.write(data)
+        if self.transport is not None:
+            self.transport.write(data)
 
-    async def _read_loop(self) -> None:
-        err: BaseException = ConnectionError("connection closed")
+    def _send(self, bufs: list[Buffer]) -> None:
+        if self._out is not None:
+            self._out += bufs
+        elif self.transport is None or self.transport.is_closing():
+            raise ConnectionError("queue closed")
+        else:
+            self.transport.writelines(bufs)  # type: ignore[arg-type]
+
+    # ---- receive side (asyncio callbacks)
+    def _received(self, data: bytes) -> None:
         try:
-            while True:
-                data = await self.reader.read(1 << 20)
-                try:
-                    events = self.conn.receive_data(data)
-                except ProtocolError as e:
-                    err = e
-                    with contextlib.suppress(Exception):
-                        self.writer.write(e.term_req)
-                    break
-                for ev in events:
-                    self._on_event(ev)
-                if not data or self.term_req is not None:
-                    break
-        except (ConnectionError, OSError) as e:
-            err = e
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            self.error = e
+            if e.term_req and self.transport is not None:
+                self.transport.write(e.term_req)
+            self._close_transport()
+            return
+        out: list[Buffer] = []
+        self._out = out
+        try:
+            for ev in events:
+                self._on_event(ev)
         finally:
-            for p in self._pending.values():
+            self._out = None
+            if out and self.transport is not None and not self.transport.is_closing():
+                self.transport.writelines(out)  # type: ignore[arg-type]
+        if self.term_req is not None:
+            self.error = ConnectionError(f"target terminated the connection (FES {self.term_req.fes:#x})")
+            self._close_transport()
+
+    def _lost(self, exc: Exception | None) -> None:
+        err = self.error or exc or ConnectionError("connection closed")
+        self.error = err
+        with contextlib.suppress(ProtocolError):
+            self.conn.receive_data(b"")
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.future is not None:
                 if not p.future.done():
                     p.future.set_exception(err)
-            self._pending.clear()
-            self._icresp.set()
-            self.closed.set()
-            with contextlib.suppress(Exception):
-                self.writer.close()
+            elif p.callback is not None:
+                p.callback(None)
+        self._icresp.set()
+        self.closed.set()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _complete(self, p: _Pending, cqe: CQE) -> None:
+        if p.future is not None:
+            if not p.future.done():
+                p.future.set_result(cqe)
+        elif p.callback is not None:
+            p.callback(cqe)
 
     def _on_event(self, ev: object) -> None:
-        if isinstance(ev, ResponseReceived):
-            p = self._pending.pop(ev.cqe.cid, None)
-            if p is not None and not p.future.done():
-                p.future.set_result(ev.cqe)
-        elif isinstance(ev, C2HDataReceived):
+        if type(ev) is C2HDataReceived:
             p = self._pending[ev.cid]
-            p.data[ev.offset : ev.offset + len(ev.data)] = ev.data
+            if p.data is not None:
+                p.data[ev.offset : ev.offset + len(ev.data)] = ev.data
             if ev.success:  # completed without a CapsuleResp: status Successful, no SQHD
                 del self._pending[ev.cid]
-                p.future.set_result(CQE(0, 0, 0xFFFF, self.qid, ev.cid, 0))
+                self._complete(p, CQE(0, 0, 0xFFFF, self.qid, ev.cid, 0))
+        elif type(ev) is ResponseReceived:
+            p = self._pending.pop(ev.cqe.cid, None)
+            if p is not None:
+                self._complete(p, ev.cqe)
         elif isinstance(ev, R2TReceived):
-            self.writer.writelines(self.conn.send_h2c_data(ev.ttag))  # type: ignore[arg-type]
+            self._send(self.conn.send_h2c_data(ev.ttag))
         elif isinstance(ev, IcRespReceived):
             self._icresp.set()
         elif isinstance(ev, TermReqReceived):
             self.term_req = ev
-        elif isinstance(ev, ConnectionClosed):
-            pass
+
+    # ---- commands
+    def _next_cid(self) -> int:
+        if self.closed.is_set():
+            raise ConnectionError("queue closed") from self.error
+        if len(self._pending) >= 0xFFFE:
+            raise RuntimeError("every command identifier is in use")
+        cid = next(self._cids)
+        while cid in self._pending:
+            cid = next(self._cids)
+        return cid
+
+    def start(self, sqe: SQE, callback: Callable[[CQE | None], None], *, data: Buffer | None = None,
+              read_into: bytearray | memoryview | None = None, in_capsule: bool | None = None) -> int:
+        """Sends one command (its CID chosen here, `sqe.cid` ignored) and returns the CID at once.
+
+        `callback(cqe)` runs on the event loop when it completes (`None`: the connection ended first,
+        `error` says why); read data lands in `read_into` (its length is the transfer's). No future
+        and no timer per command: a caller that wants a deadline keeps its own.
+        """
+        cid = self._next_cid()
+        n = len(read_into) if read_into is not None else 0
+        self._pending[cid] = _Pending(None, read_into, callback)
+        try:
+            self._send(self.conn.send_command(sqe, cid=cid, data=data, read_len=n, in_capsule=in_capsule))
+        except BaseException:
+            del self._pending[cid]
+            raise
+        return cid
 
     async def submit(self, sqe: SQE, *, data: Buffer | None = None, read_len: int = 0,
                      in_capsule: bool | None = None, timeout: float | None = None) -> tuple[CQE, bytes]:
         """Sends one command (its CID is chosen here) and waits for its completion and read data."""
-        if self.closed.is_set():
-            raise ConnectionError("queue closed")
-        cid = next(self._cids)
-        while cid in self._pending:
-            cid = next(self._cids)
-        sqe = dataclasses.replace(sqe, cid=cid)
-        loop = asyncio.get_running_loop()
-        p = _Pending(loop.create_future(), bytearray(read_len))
+        cid = self._next_cid()
+        p = _Pending(asyncio.get_running_loop().create_future(), bytearray(read_len))
         self._pending[cid] = p
-        self.writer.writelines(self.conn.send_command(sqe, data=data, read_len=read_len,  # type: ignore[arg-type]
-                                                      in_capsule=in_capsule))
+        try:
+            self._send(self.conn.send_command(sqe, cid=cid, data=data, read_len=read_len, in_capsule=in_capsule))
+        except BaseException:
+            del self._pending[cid]
+            raise
+        assert p.future is not None
         cqe = await asyncio.wait_for(p.future, timeout or self.timeout)
-        return cqe, bytes(p.data)
+        return cqe, bytes(p.data)  # type: ignore[arg-type]
 
     async def command(self, sqe: SQE, what: str = "", **kw: object) -> tuple[CQE, bytes]:
         """`submit`, raising FabricsCommandError when the status is not Successful."""
@@ -174,11 +254,10 @@ class TcpQueue:
         await self.command(fab.property_set_sqe(0, offset, value, size), f"Property Set {offset:#x}")
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
-        if self._task is not None:
+        if self.transport is not None:
+            self.transport.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, self.timeout)
+                await asyncio.wait_for(self.closed.wait(), self.timeout)
 
 
 def identify_sqe(cns: int, nsid: int = 0, cntid: int = 0, csi: int = 0) -> SQE:
@@ -214,7 +293,8 @@ class HostController:
     @classmethod
     async def connect(cls, host: str, port: int, subnqn: str, hostnqn: str, *, kato: int = 0, io_queues: int = 1,
                       io_entries: int = 128, enable: bool = True, hdgst: bool = False, ddgst: bool = False,
-                      hostid: bytes | None = None, timeout: float = DEFAULT_TIMEOUT) -> HostController:
+                      hostid: bytes | None = None, disable_sqflow: bool = False,
+                      timeout: float = DEFAULT_TIMEOUT) -> HostController:
         admin = await TcpQueue.open(host, port, hdgst=hdgst, ddgst=ddgst, timeout=timeout)
         hostid = hostid if hostid is not None else os.urandom(16)
         cqe = await admin.connect(subnqn, hostnqn, kato=kato, hostid=hostid)
@@ -226,7 +306,8 @@ class HostController:
         if enable:
             await ctrl.enable()
             if io_queues and subnqn != fab.DISCOVERY_NQN:
-                await ctrl.add_io_queues(io_queues, io_entries, hdgst=hdgst, ddgst=ddgst)
+                await ctrl.add_io_queues(io_queues, io_entries, hdgst=hdgst, ddgst=ddgst,
+                                         disable_sqflow=disable_sqflow)
         return ctrl
 
     async def enable(self) -> None:
@@ -242,7 +323,9 @@ class HostController:
                 raise TimeoutError("CSTS.RDY not set")
             await asyncio.sleep(0.001)
 
-    async def add_io_queues(self, n: int, entries: int = 128, **kw: bool) -> None:
+    async def add_io_queues(self, n: int, entries: int = 128, *, disable_sqflow: bool = False, **kw: bool) -> None:
+        """`disable_sqflow` asks for no SQ flow control (Connect CATTR bit 2, as `nvme connect
+        --disable-sqflow`): the target may then end a successful read with its last C2HData alone."""
         ident = await self.identify_controller()
         nq = n - 1
         await self.admin.command(SQE(opcode=AdminOpcode.SET_FEATURES, cdw10=0x07, cdw11=nq | nq << 16),
@@ -251,7 +334,7 @@ class HostController:
             q = await TcpQueue.open(self.host, self.port, timeout=self.admin.timeout, **kw)
             q.conn.max_icd = icd_limit(ident.ioccsz)
             cqe = await q.connect(self.subnqn, self.hostnqn, qid=qid, cntlid=self.cntlid, sqsize=entries - 1,
-                                  hostid=self.hostid)
+                                  hostid=self.hostid, cattr=fab.CATTR_DISABLE_SQ_FLOW if disable_sqflow else 0)
             if not cqe.ok:
                 await q.close()
                 raise FabricsCommandError(f"I/O Connect QID {qid}", cqe)
