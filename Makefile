@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test faults bench lint clean
+.PHONY: setup demo test faults interop bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,11 +24,16 @@ test: $(STAMP)
 faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults tests/faults
 
+# boots a Linux guest (../shared/tools/guest/) against `nvme-lm target serve`: needs root, QEMU and the image
+interop: $(STAMP)
+	$(BIN)/python -m pytest -q -m interop tests/interop
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/io.py
 	$(BIN)/python benchmarks/noisy_neighbor.py
 	$(BIN)/python benchmarks/lba_status.py
 	$(BIN)/python benchmarks/migrate.py
+	$(BIN)/python benchmarks/tcp.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -209,7 +209,7 @@ def test_discovery_log_lists_the_subsystem(tmp_path: Path) -> None:
             (e,) = entries
             assert (e.trtype, e.adrfam, e.subtype, e.portid, e.cntlid) == (3, 1, 2, 1, 0xFFFF)
             assert (e.subnqn, e.traddr, e.trsvcid) == (sub.nqn, "10.0.2.100", str(port))
-            assert e.treq & 0x3 == 0x2 and e.asqsz == 32
+            assert e.treq == 0x4 and e.asqsz == 32  # secure channel not specified (as nvmet), SQ flow disable
             # a discovery controller has no I/O queues
             q = await TcpQueue.open("127.0.0.1", port)
             cqe = await q.connect(fab.DISCOVERY_NQN, HOST_A, qid=1, cntlid=d.cntlid, hostid=d.hostid)

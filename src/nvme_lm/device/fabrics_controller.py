@@ -44,6 +44,7 @@ from nvme_lm.spec import fabrics as fab
 from nvme_lm.spec import status as st
 from nvme_lm.spec.commands import SQE
 from nvme_lm.spec.identify import CMIC, CNS, IDENTIFY_SIZE, IdentifyController
+from nvme_lm.spec.logs import CommandEffectsLog, LogId
 from nvme_lm.spec.opcodes import AdminOpcode as A
 from nvme_lm.spec.opcodes import data_direction
 from nvme_lm.spec.registers import CC, CSTS, VS_2_1, Cap, Reg, Shn
@@ -104,6 +105,20 @@ class _NoInterrupts:
 
 _NO_FUNCTION = _NoFunction()
 _NO_INTERRUPTS = _NoInterrupts()
+
+
+def _runnable_effects(build: Callable[[Request], bytes]) -> Callable[[Request], bytes]:
+    """The template's Commands Supported and Effects log (05h) less what this controller does not run: over a
+    fabric, queue creation and the other PCIe mechanics the template lists for a VF (the Linux host showed
+    them as supported while they were Invalid Opcode)."""
+
+    def effects_log(req: Request) -> bytes:
+        ctrl = req.ctrl
+        full = CommandEffectsLog.decode(build(req))
+        return CommandEffectsLog(acs=[v if op in ctrl.admin_handlers else 0 for op, v in enumerate(full.acs)],
+                                 iocs=[v if op in ctrl.io_handlers else 0 for op, v in enumerate(full.iocs)]).encode()
+
+    return effects_log
 
 
 def fabrics_identify(req: Request) -> Status:
@@ -239,9 +254,13 @@ class FabricsSubsystem:
         specs[F.NUMBER_OF_QUEUES] = dataclasses.replace(specs[F.NUMBER_OF_QUEUES], default=nq | nq << 16)
         caps = exports.caps
 
+        logs = dict(caps.log_builders)
+        if LogId.CMD_EFFECTS in logs:
+            logs[LogId.CMD_EFFECTS] = _runnable_effects(logs[LogId.CMD_EFFECTS])
+
         def binding(ctrl: FabricsController) -> ExportBinding:
             # ECNTLID = the dynamic CNTLID: a fabrics host checks Identify's CNTLID against its Connect's
-            return ExportBinding(esub, ctrl.cntlid, caps.cns_handlers, caps.log_builders, None)  # type: ignore[arg-type]
+            return ExportBinding(esub, ctrl.cntlid, caps.cns_handlers, logs, None)  # type: ignore[arg-type]
 
         p = Personality(model=model, cap=fabrics_cap(model, t.mqes, t.cap_to), admin_handlers=admin, io_handlers=io,
                         feature_specs=_fabrics_specs(specs, lambda f: f not in PCIE_ONLY_FEATURES),
@@ -568,6 +587,7 @@ class FabricsController(EventDelivery):
                     status = (self.admin_handlers if req.sq.qid == 0 else self.io_handlers)[sqe.opcode](req)
             except NvmeError as e:
                 status, pel = e.status, e.pel
+                log.debug("%r: q%d opcode %#x CID %#x refused: %s", self, req.sq.qid, req.sqe.opcode, req.sqe.cid, e)
             except Exception:
                 log.exception("%r: opcode %#x failed", self, req.sqe.opcode)
                 status = st.INTERNAL_ERROR

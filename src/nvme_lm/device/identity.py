@@ -113,7 +113,8 @@ def identify_namespace(ctrl: Controller, ns: Namespace | None) -> IdentifyNamesp
     index = ctrl.model.lba_data_sizes.index(ns.lba_size)
     return IdentifyNamespace(
         nsze=ns.nsze, ncap=ns.nsze, nuse=ns.nuse, nsfeat=NSFEAT_THINP, nlbaf=nlbaf,
-        flbas=(index & 0xF) | ((index >> 4) & 0x3) << 5, dlfeat=DLFEAT_READ_ZEROES | DLFEAT_WZ_DEAC,
+        flbas=(index & 0xF) | ((index >> 4) & 0x3) << 5, nmic=ns.info.nmic & 1,  # shared: hosts multipath on it
+        dlfeat=DLFEAT_READ_ZEROES | DLFEAT_WZ_DEAC,
         nvmcap=ns.nsze * ns.lba_size, nguid=bytes.fromhex(ns.info.nguid), eui64=bytes.fromhex(ns.info.eui64),
         lbaf=fmts,
     )

@@ -108,6 +108,7 @@ class _TcpConnection(asyncio.Protocol):
         self.queue: FabricsQueue | None = None
         self.cmds: dict[int, _Cmd] = {}
         self.closed = False
+        self._out: list[Buffer] | None = None  # responses gathered while one received chunk is handled
 
     @property
     def name(self) -> str:
@@ -136,6 +137,7 @@ class _TcpConnection(asyncio.Protocol):
             log.warning("%s: %s (FES %#x, FEI %#x): terminating the connection", self.name, e, e.fes, e.fei)
             self.abort(e.term_req)
             return
+        self._out = []  # the responses to every command in this chunk leave in one write (one syscall)
         try:
             for ev in events:
                 if self.closed:
@@ -144,6 +146,8 @@ class _TcpConnection(asyncio.Protocol):
         except Exception:  # a bug here must cost one connection, never the server
             log.exception("%s: internal error; closing the connection", self.name)
             self.close()
+        finally:
+            self._flush()
 
     def eof_received(self) -> bool:
         return False  # let the transport close; connection_lost cleans up
@@ -168,21 +172,32 @@ class _TcpConnection(asyncio.Protocol):
 
     # ---- output
     def _write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if self._out is not None:
+            self._out.append(data)
+        elif not self.closed and self.transport is not None:
             self.transport.write(data)
 
     def _writelines(self, bufs: list[Buffer]) -> None:
-        if not self.closed and self.transport is not None:
+        if self._out is not None:
+            self._out += bufs
+        elif not self.closed and self.transport is not None:
             self.transport.writelines(bufs)  # type: ignore[arg-type]
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if out:
+            self._writelines(out)
 
     def close(self) -> None:
         if self.closed:
             return
+        self._flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()  # sends what is buffered, then closes
 
     def abort(self, term_req: bytes) -> None:
+        self._flush()
         if term_req and self.transport is not None and not self.closed:
             self.transport.write(term_req)
         self.close()
@@ -357,7 +372,8 @@ class _TcpConnection(asyncio.Protocol):
         self.cmds.pop(sqe.cid, None)
         log.info("%s: host %s connected %s queue %d (%d entries%s) of controller %d, subsystem %s", self.peer,
                  ctrl.hostnqn, "admin" if q.qid == 0 else "I/O", q.qid, q.size,
-                 "" if q.sq_flow_control else ", no SQ flow control", ctrl.cntlid, ctrl.subsystem.nqn)
+                 ("" if q.sq_flow_control else ", no SQ flow control") + (", header digest" if self.conn.hdgst else "")
+                 + (", data digest" if self.conn.ddgst else ""), ctrl.cntlid, ctrl.subsystem.nqn)
         self._write(self.conn.send_capsule_resp(CQE(ctrl.cntlid, 0, q.sqhd, q.qid, sqe.cid, 0)))
 
 
@@ -480,7 +496,9 @@ class NvmeTcpTarget:
         entries = [
             fab.DiscoveryLogEntry(
                 trtype=fab.TrType.TCP, adrfam=adrfam, subtype=fab.SubType.NVME,
-                treq=fab.TREQ_SECURE_CHANNEL_NOT_REQUIRED | fab.TREQ_DISABLE_SQ_FLOW_SUPPORTED,
+                # secure channel "not specified" (00b), as Linux's nvmet: libnvme 1.3 (nvme-cli 2.3) turns "not
+                # required" into a `tls` option a 6.1 kernel refuses, so `nvme connect-all` failed (EINVAL)
+                treq=fab.TREQ_DISABLE_SQ_FLOW_SUPPORTED,
                 portid=port.portid, cntlid=fab.CNTLID_DYNAMIC, asqsz=ADMIN_QUEUE_ENTRIES, trsvcid=str(port.port),
                 subnqn=sub.nqn, traddr=traddr,
             )
