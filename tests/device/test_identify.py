@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import uuid
 
 import pytest
@@ -21,6 +22,7 @@ from nvme_lm.spec.identify import (
     decode_ns_descs,
     decode_nsid_list,
 )
+from nvme_lm.spec.registers import Cap, Reg
 
 
 def _status(driver, sqe) -> st.Status:
@@ -96,7 +98,15 @@ def test_command_set_specific_structures(driver, ns1):
     assert _status(driver, cmd.identify(0x06, csi=2)) == st.INVALID_FIELD
 
 
-@pytest.mark.parametrize("cns", [0x04, 0x07, 0x1C, 0x30, 0xFF])
+def test_io_command_set_combinations_list_nvm_alone(driver):
+    """CAP.CSS bit 6 (one or more I/O command sets) promises CNS 1Ch; nvme-cli's id-iocs reads it."""
+    assert Cap.decode(driver.fn.bar0.read64(Reg.CAP)).css & 0x41 == 0x41
+    data = driver.identify(0x1C, cntid=IdentifyController.decode(driver.identify(0x01)).cntlid)
+    vectors = struct.unpack("<512Q", data)
+    assert vectors[0] == 1 and not any(vectors[1:])  # combination 0: the NVM command set (CSI 0) alone
+
+
+@pytest.mark.parametrize("cns", [0x04, 0x07, 0x08, 0x30, 0xFF])
 def test_unsupported_cns_is_invalid_field(driver, cns):
     with pytest.raises(NvmeCommandError) as e:
         driver.identify(cns)

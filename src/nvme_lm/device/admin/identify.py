@@ -1,4 +1,4 @@
-"""Identify (admin 06h): CNS 00h-03h, 05h, 06h, 10h-13h; 14h-15h from admin/virtualization.py; 21h-22h from
+"""Identify (admin 06h): CNS 00h-03h, 05h, 06h, 10h-13h, 1Ch; 14h-15h from admin/virtualization.py; 21h-22h from
 admin/exported.py. A controller of an exported subsystem answers only its template's CNS values (`ctrl.export`)."""
 
 from __future__ import annotations
@@ -97,6 +97,16 @@ def cns_nvm_controller(req: Request) -> bytes:
     return identity.nvm_identify_controller(req.ctrl).encode()
 
 
+IOCS_NVM_ONLY = 1 << CSI_NVM  # an I/O Command Set Combination vector: bit n = the command set with CSI n
+
+
+def cns_io_command_sets(req: Request) -> bytes:
+    """CNS 1Ch: the I/O Command Set Combinations the controller supports (512 little-endian 64-bit vectors,
+    index 0 first); we support one, the NVM command set alone. CAP.CSS bit 6 promises this structure. Every
+    controller of the subsystem supports the same combinations, so CDW10's CNTID does not change the answer."""
+    return IOCS_NVM_ONLY.to_bytes(8, "little") + bytes(IDENTIFY_SIZE - 8)
+
+
 def cns_allocated_namespace(req: Request) -> bytes:
     _check_nsid_valid(req, allow_broadcast=False)
     ns = req.ctrl.subsystem.namespaces.get(req.sqe.nsid)
@@ -133,6 +143,7 @@ CNS_HANDLERS = {
     CNS.UNDERLYING_CTRL_LIST: exported.cns_underlying_controllers,
     CNS.EXPORTED_TEMPLATE_UUID_LIST: exported.cns_template_list,
     CNS.SUPPORTED_CTRL_STATE_FORMATS: migration.cns_supported_state_formats,
+    CNS.COMMAND_SET_STRUCTURE: cns_io_command_sets,
 }
 
 
