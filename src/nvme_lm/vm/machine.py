@@ -25,10 +25,11 @@ from nvme_lm.host import commands as cmd
 from nvme_lm.host.driver import NvmeDriver
 from nvme_lm.host.qpair import Completion
 from nvme_lm.pcie.function import PcieFunction
+from nvme_lm.vm.blocks import payload_pool
 from nvme_lm.vm.memory import GuestMemory
 from nvme_lm.vm.timeline import Timeline
 from nvme_lm.vm.verifier import IdentityVerifier
-from nvme_lm.vm.workload import VcpuStopped, Workload, WorkloadConfig, payload_pool
+from nvme_lm.vm.workload import VcpuStopped, Workload, WorkloadConfig
 
 GUEST_BASE = 0x1000_0000  # guest-physical address of the first byte of RAM
 VM_STATE_VERSION = 1

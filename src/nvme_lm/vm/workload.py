@@ -31,13 +31,11 @@ commands completing at the destination through `callback_for(tag)`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import secrets
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +47,7 @@ from nvme_lm.host.memory import DmaMemory
 from nvme_lm.host.qpair import NvmeTimeout
 from nvme_lm.spec.commands import SQE
 from nvme_lm.spec.opcodes import IoOpcode
+from nvme_lm.vm.blocks import HEADER, HEADER_SIZE, check_block, check_trimmed, fill_block, payload_pool
 from nvme_lm.vm.latency import LatencyRecorder
 
 if TYPE_CHECKING:
@@ -56,8 +55,6 @@ if TYPE_CHECKING:
     from nvme_lm.host.qpair import Callback, Completion
     from nvme_lm.vm.timeline import Timeline
 
-HEADER = struct.Struct("<QQI")  # LBA, generation, crc32 of bytes [HEADER_SIZE:block_size]
-HEADER_SIZE = HEADER.size
 DSM_RANGE = struct.Struct("<IIQ")  # Dataset Management range: context attributes, NLB, SLBA
 DSM_AD = 1 << 2  # CDW11 of Dataset Management: attribute deallocate
 WZ_DEAC = 1 << 25  # CDW12 of Write Zeroes: deallocate
@@ -65,7 +62,6 @@ WORKLOAD_STATE_VERSION = 2  # 2: per-block bookkeeping in guest memory ("book")
 PATTERNS = ("randread", "randwrite", "randrw", "write", "trim")
 TRIM_OPS = ("dsm", "write_zeroes")
 MAX_FAILURE_EXAMPLES = 1000  # verify failures kept in full; all of them are counted
-_POOL_SIZE = 1 << 20
 _BATCH = 4096  # random choices drawn from numpy per refill
 _SKIP_LIMIT = 64  # picks of in-flight blocks tolerated per slot before leaving it for the next round
 _TICK_NS = 5_000_000  # longest wait without passing the gate (pause and stop latency)
@@ -80,55 +76,6 @@ _WZ = int(IoOpcode.WRITE_ZEROES)
 
 class VcpuStopped(BaseException):
     """Raised by a gate to stop a vCPU where it stands: no drain, in-flight commands stay outstanding."""
-
-
-def _payload_offset(lba: int, generation: int, span: int) -> int:
-    return ((lba * 0x9E3779B1) ^ (generation * 0x85EBCA77)) % span
-
-
-@functools.lru_cache(maxsize=16)
-def payload_pool(seed: int) -> memoryview:
-    """The random bytes writes take their payload from: a pure function of the seed, shared read-only by the
-    workloads of a process. Making it costs a few ms (more on first use of numpy's generator), so the
-    destination of a migration makes it while pre-copy runs, not in the blackout (`Vm.prepare_for`)."""
-    return memoryview(np.random.default_rng([seed, 1]).bytes(_POOL_SIZE)).toreadonly()
-
-
-def fill_block(view: memoryview, lba: int, generation: int, pool: bytes | memoryview) -> None:
-    """Writes header + payload for (`lba`, `generation`) into `view` (one whole block)."""
-    n = len(view) - HEADER_SIZE
-    off = _payload_offset(lba, generation, len(pool) - n)
-    body = view[HEADER_SIZE:]
-    body[:] = pool[off : off + n]
-    HEADER.pack_into(view, 0, lba, generation, zlib.crc32(body))
-
-
-def check_block(view: memoryview, lba: int, generation: int) -> str | None:
-    """Why `view` is not the block written at `lba` with `generation` (0 = never written), or None."""
-    if generation == 0:
-        if view.tobytes().count(0) != len(view):
-            return "block never written but not zero"
-        return None
-    h_lba, h_gen, h_crc = HEADER.unpack_from(view, 0)
-    if h_lba != lba:
-        return f"header LBA {h_lba} != {lba} (misdirected or foreign block)"
-    if h_gen != generation:
-        return f"generation {h_gen} != expected {generation} ({'stale' if h_gen < generation else 'future'} data)"
-    crc = zlib.crc32(view[HEADER_SIZE:])
-    if crc != h_crc:
-        return f"CRC-32 {crc:#010x} != header {h_crc:#010x} (corrupted data)"
-    return None
-
-
-def check_trimmed(view: memoryview, lba: int, generation: int) -> str | None:
-    """Why `view` is not the zeroes a block deallocated after `generation` must read as, or None."""
-    data = view.tobytes()
-    if data.count(0) == len(data):
-        return None
-    h_lba, h_gen, _ = HEADER.unpack_from(data, 0)
-    if h_lba == lba and h_gen == generation and generation:
-        return f"non-zero after trim: generation {generation} still readable (deallocate lost)"
-    return f"non-zero after trim of generation {generation} (header LBA {h_lba}, generation {h_gen})"
 
 
 def trim_op_for(oncs: int) -> str:
