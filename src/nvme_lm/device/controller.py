@@ -25,7 +25,7 @@ from nvme_lm.device.request import DEFERRED, Handler, NvmeError, Request
 from nvme_lm.pcie.iommu import DmaFault
 from nvme_lm.spec import status as st
 from nvme_lm.spec.commands import SQE, unpack_sqe_from
-from nvme_lm.spec.registers import CC, CSTS, DOORBELL_BASE, VS_2_1, Cap, Reg, Shn, aqa_decode
+from nvme_lm.spec.registers import CC, CSTS, DOORBELL_BASE, VS_2_1, Cap, Reg, Shn, aqa_decode, cc_enable_problem
 from nvme_lm.spec.status import Status
 
 if TYPE_CHECKING:
@@ -176,18 +176,9 @@ class Controller(EventDelivery):
     def _enable(self) -> None:
         mps = CC.mps(self.cc)
         asqs, acqs = aqa_decode(self.aqa)
-        problem = None
-        css = CC.css(self.cc)
-        if not self.cap.mpsmin <= mps <= self.cap.mpsmax:
-            problem = f"CC.MPS {mps} outside CAP.MPSMIN..MPSMAX"
-        elif not (css == 0 and self.cap.css & 0x01) and not (css == 6 and self.cap.css & 0x40):
-            problem = f"CC.CSS {css} not supported by CAP.CSS {self.cap.css:#x}"
-        elif CC.ams(self.cc) != 0 and not self.cap.ams & (1 << (CC.ams(self.cc) - 1)):
-            problem = f"CC.AMS {CC.ams(self.cc)} not supported"
-        elif asqs < 1 or acqs < 1:
-            problem = "admin queues need at least two entries (AQA)"
-        elif self.asq == 0 or self.acq == 0:
-            problem = "ASQ/ACQ not set"
+        problem = (cc_enable_problem(self.cc, self.cap)
+                   or ("admin queues need at least two entries (AQA)" if asqs < 1 or acqs < 1 else None)
+                   or ("ASQ/ACQ not set" if self.asq == 0 or self.acq == 0 else None))
         if problem is None:
             self.page_size = 1 << (12 + mps)
             try:

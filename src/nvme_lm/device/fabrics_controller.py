@@ -47,7 +47,7 @@ from nvme_lm.spec.identify import CMIC, CNS, IDENTIFY_SIZE, IdentifyController
 from nvme_lm.spec.logs import CommandEffectsLog, LogId
 from nvme_lm.spec.opcodes import AdminOpcode as A
 from nvme_lm.spec.opcodes import data_direction
-from nvme_lm.spec.registers import CC, CSTS, VS_2_1, Cap, Reg, Shn
+from nvme_lm.spec.registers import CC, CSTS, VS_2_1, Cap, Reg, Shn, cc_enable_problem
 from nvme_lm.spec.status import Status
 
 if TYPE_CHECKING:
@@ -661,16 +661,9 @@ class FabricsController(EventDelivery):
 
     def _enable(self) -> None:
         cc = self.cc
-        problem = None
-        css = CC.css(cc)
-        if not self.is_discovery and (CC.iosqes(cc) != 6 or CC.iocqes(cc) != 4):
+        problem = cc_enable_problem(cc, self.cap)
+        if problem is None and not self.is_discovery and (CC.iosqes(cc) != 6 or CC.iocqes(cc) != 4):
             problem = f"CC.IOSQES {CC.iosqes(cc)} / IOCQES {CC.iocqes(cc)}: entries are 64 / 16 bytes"
-        elif not self.cap.mpsmin <= CC.mps(cc) <= self.cap.mpsmax:
-            problem = f"CC.MPS {CC.mps(cc)} outside CAP.MPSMIN..MPSMAX"
-        elif not (css == 0 and self.cap.css & 0x01) and not (css == 6 and self.cap.css & 0x40):
-            problem = f"CC.CSS {css} not supported"
-        elif CC.ams(cc) != 0:
-            problem = f"CC.AMS {CC.ams(cc)} not supported"
         if problem is not None:
             log.warning("%r failed to enable: %s", self, problem)
             self.csts |= CSTS.CFS

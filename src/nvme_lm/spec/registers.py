@@ -114,6 +114,19 @@ class CC:
                 | (iosqes & 0xF) << 16 | (iocqes & 0xF) << 20)
 
 
+def cc_enable_problem(cc: int, cap: Cap) -> str | None:
+    """Why a controller with `cap` cannot enable with CC = `cc` (page size, command set, arbitration), or None.
+    The rules every controller shares; each adds its own (admin queues for PCIe, entry sizes for fabrics)."""
+    mps, css, ams = CC.mps(cc), CC.css(cc), CC.ams(cc)
+    if not cap.mpsmin <= mps <= cap.mpsmax:
+        return f"CC.MPS {mps} outside CAP.MPSMIN..MPSMAX"
+    if not (css == 0 and cap.css & 0x01) and not (css == 6 and cap.css & 0x40):
+        return f"CC.CSS {css} not supported by CAP.CSS {cap.css:#x}"
+    if ams != 0 and not cap.ams & (1 << (ams - 1)):
+        return f"CC.AMS {ams} not supported"
+    return None
+
+
 class Shn(IntEnum):
     NONE = 0
     NORMAL = 1
